@@ -1,0 +1,655 @@
+"""Gaussian diffusion with P2 weighting (paper Eqs. (2)-(8); COMPAT §1, §2, §4).
+
+Keeps the ADM public API (method names, arguments and returned dicts) so that code written against
+openai/guided-diffusion or the P2 code runs unchanged. Every per-timestep quantity is computed once, in float64,
+at construction and indexed by t afterwards.
+"""
+
+import enum
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .losses import discretized_gaussian_log_likelihood, normal_kl
+from .nn import mean_flat
+
+# SNR boundaries of the paper's three stages (Sec. 3.1): coarse < 1e-2 <= content <= 1 < clean-up.
+SNR_STAGE_BOUNDS = (1e-2, 1.0)
+SNR_STAGE_NAMES = ("coarse", "content", "cleanup")
+
+
+def snr_stage(snr):
+    """Index of the paper's stage (0 coarse, 1 content, 2 clean-up) for each SNR value (array or tensor)."""
+    low, high = SNR_STAGE_BOUNDS
+    if isinstance(snr, torch.Tensor):
+        return (snr >= low).long() + (snr > high).long()
+    snr = np.asarray(snr)
+    return (snr >= low).astype(np.int64) + (snr > high).astype(np.int64)
+
+
+def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
+    """β_1..β_T in float64 for "linear" (Ho et al., scaled to T) or "cosine" (Nichol & Dhariwal) (COMPAT §2)."""
+    if num_diffusion_timesteps < 1:
+        raise ValueError(f"--diffusion_steps must be >= 1, got {num_diffusion_timesteps}")
+    if schedule_name == "linear":
+        scale = 1000 / num_diffusion_timesteps
+        if scale * 0.02 >= 1:
+            raise ValueError(
+                f"--diffusion_steps {num_diffusion_timesteps} is too few for the linear schedule, whose last beta "
+                f"would be {scale * 0.02:g} >= 1; use more than 20 steps or --noise_schedule cosine"
+            )
+        return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
+    if schedule_name == "cosine":
+        return betas_for_alpha_bar(
+            num_diffusion_timesteps,
+            lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2,
+        )
+    raise ValueError(f"--noise_schedule {schedule_name!r} is unknown; use 'linear' or 'cosine'")
+
+
+def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
+    """Betas that discretise a continuous ᾱ(u), u in [0, 1]: β_i = min(1 - ᾱ((i+1)/T)/ᾱ(i/T), max_beta)."""
+    T = num_diffusion_timesteps
+    betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)]
+    return np.array(betas, dtype=np.float64)
+
+
+class ModelMeanType(enum.Enum):
+    """What the network predicts."""
+
+    PREVIOUS_X = enum.auto()  # x_{t-1}
+    START_X = enum.auto()  # x_0
+    EPSILON = enum.auto()  # ε
+
+
+class ModelVarType(enum.Enum):
+    """How the reverse-process variance is chosen."""
+
+    LEARNED = enum.auto()  # the network outputs log σ²
+    FIXED_SMALL = enum.auto()  # σ̃²_t, the posterior variance
+    FIXED_LARGE = enum.auto()  # β_t (σ̃²_1 at t = 0)
+    LEARNED_RANGE = enum.auto()  # interpolation between log β_t and log σ̃²_t (IDDPM)
+
+
+class LossType(enum.Enum):
+    MSE = enum.auto()  # ε (or x0) MSE, plus the VB term when the variance is learned
+    RESCALED_MSE = enum.auto()  # the same with the VB term scaled by T/1000
+    KL = enum.auto()  # the variational bound alone
+    RESCALED_KL = enum.auto()  # the variational bound times T
+
+    def is_vb(self):
+        return self in (LossType.KL, LossType.RESCALED_KL)
+
+
+class GaussianDiffusion:
+    """A discrete-time Gaussian diffusion with T steps and P2 loss weighting.
+
+    :param betas: [T] float64 noise schedule β_1..β_T.
+    :param model_mean_type: a ModelMeanType.
+    :param model_var_type: a ModelVarType.
+    :param loss_type: a LossType.
+    :param rescale_timesteps: feed t·1000/T to the model instead of t.
+    :param p2_gamma: γ of Eq. (8); 0 gives the baseline weighting.
+    :param p2_k: k of Eq. (8); must be > 0 when γ > 0.
+    :param alphas_cumprod: optional [T] ᾱ table that `betas` discretises; respacing passes the base process's
+        values so that ᾱ and SNR of a respaced step are bit-identical to those of its original timestep.
+    """
+
+    def __init__(
+        self,
+        *,
+        betas,
+        model_mean_type,
+        model_var_type,
+        loss_type,
+        rescale_timesteps=False,
+        p2_gamma=0.0,
+        p2_k=1.0,
+        alphas_cumprod=None,
+    ):
+        self.model_mean_type = model_mean_type
+        self.model_var_type = model_var_type
+        self.loss_type = loss_type
+        self.rescale_timesteps = rescale_timesteps
+        self.p2_gamma = float(p2_gamma)
+        self.p2_k = float(p2_k)
+        _check_p2_settings(self.p2_gamma, self.p2_k, loss_type)
+
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not ((betas > 0).all() and (betas < 1).all()):
+            raise ValueError("betas must be a 1-D array with every value in (0, 1)")
+        self.betas = betas
+        self.num_timesteps = int(betas.shape[0])
+
+        alphas = 1.0 - betas
+        self.alphas_cumprod = (
+            np.cumprod(alphas, axis=0) if alphas_cumprod is None else np.asarray(alphas_cumprod, dtype=np.float64)
+        )
+        if self.alphas_cumprod.shape != betas.shape:
+            raise ValueError(f"alphas_cumprod shape {self.alphas_cumprod.shape} != betas shape {betas.shape}")
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
+
+        # q(x_t | x_0), Eq. (2)
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+
+        # q(x_{t-1} | x_t, x_0)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # The posterior variance is 0 at t = 0; its log is clipped to the t = 1 value (β_1 for a 1-step chain).
+        first_variance = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
+        self.posterior_log_variance_clipped = np.log(np.append(first_variance, self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+
+        # Eq. (4) and Eq. (8): SNR_t and the P2 factor λ'_t/λ_t = (k + SNR_t)^-γ, float64 (COMPAT §1).
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+        self.p2_weight = (self.p2_k + self.snr) ** -self.p2_gamma
+
+        # Derived tables used by the samplers, precomputed so that every lookup can be cached on the device.
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.log_betas = np.log(betas)
+        # FIXED_LARGE: β_t, except the first step keeps σ̃²_1 for a better decoder likelihood.
+        self.fixed_large_variance = np.append(first_variance, betas[1:])
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+        self.xprev_coef_xprev = 1.0 / self.posterior_mean_coef1
+        self.xprev_coef_xt = self.posterior_mean_coef2 / self.posterior_mean_coef1
+        self._cached_table_ids = {id(v) for v in vars(self).values() if isinstance(v, np.ndarray)}
+        self._device_tables = {}
+
+    # ------------------------------------------------------------------ forward process
+
+    def q_mean_variance(self, x_start, t):
+        """Mean, variance and log variance of q(x_t | x_0), each broadcast to x_start's shape."""
+        mean = self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+        variance = self._extract(self.one_minus_alphas_cumprod, t, x_start.shape)
+        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        return mean, variance, log_variance
+
+    def q_sample(self, x_start, t, noise=None):
+        """Draw x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I) (Eq. (2)).
+
+        :param x_start: [N, C, H, W] clean data in [-1, 1].
+        :param t: [N] integer timesteps (0-based).
+        :param noise: optional ε of the same shape.
+        """
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        if noise.shape != x_start.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}")
+        return (
+            self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+            + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+        )
+
+    def q_posterior_mean_variance(self, x_start, x_t, t):
+        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
+        if x_start.shape != x_t.shape:
+            raise ValueError(f"x_start shape {tuple(x_start.shape)} != x_t shape {tuple(x_t.shape)}")
+        posterior_mean = (
+            self._extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
+            + self._extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
+        )
+        posterior_variance = self._extract(self.posterior_variance, t, x_t.shape)
+        posterior_log_variance_clipped = self._extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        return posterior_mean, posterior_variance, posterior_log_variance_clipped
+
+    # ------------------------------------------------------------------ reverse process
+
+    def p_mean_variance(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
+        """Apply the model to get p(x_{t-1} | x_t) and a prediction of x_0.
+
+        :param model: callable (x [N, C, H, W], t [N]) -> [N, C or 2C, H, W].
+        :param x: [N, C, H, W] x_t.
+        :param t: [N] integer timesteps.
+        :param clip_denoised: clamp the x_0 prediction to [-1, 1].
+        :param denoised_fn: optional function applied to the x_0 prediction before clamping.
+        :return: dict with 'mean', 'variance', 'log_variance', 'pred_xstart', each [N, C, H, W].
+        """
+        model_kwargs = model_kwargs or {}
+        B, C = x.shape[:2]
+        model_output = model(x, self._scale_timesteps(t), **model_kwargs)
+
+        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+            if model_output.shape != (B, C * 2, *x.shape[2:]):
+                raise ValueError(
+                    f"a learned variance needs {2 * C} output channels, the model gave {tuple(model_output.shape)}; "
+                    "check --learn_sigma"
+                )
+            model_output, model_var_values = torch.split(model_output, C, dim=1)
+            if self.model_var_type == ModelVarType.LEARNED:
+                model_log_variance = model_var_values
+            else:
+                min_log = self._extract(self.posterior_log_variance_clipped, t, x.shape)
+                max_log = self._extract(self.log_betas, t, x.shape)
+                frac = (model_var_values + 1) / 2  # v in [-1, 1] -> [0, 1]
+                model_log_variance = frac * max_log + (1 - frac) * min_log
+            model_variance = torch.exp(model_log_variance)
+        else:
+            if self.model_var_type == ModelVarType.FIXED_LARGE:
+                variance, log_variance = self.fixed_large_variance, self.fixed_large_log_variance
+            else:
+                variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
+            model_variance = self._extract(variance, t, x.shape)
+            model_log_variance = self._extract(log_variance, t, x.shape)
+
+        def process_xstart(x0):
+            if denoised_fn is not None:
+                x0 = denoised_fn(x0)
+            return x0.clamp(-1, 1) if clip_denoised else x0
+
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            pred_xstart = process_xstart(self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output))
+            model_mean = model_output
+        else:
+            if self.model_mean_type == ModelMeanType.START_X:
+                pred_xstart = process_xstart(model_output)
+            else:
+                pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output))
+            model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
+
+        return {
+            "mean": model_mean,
+            "variance": model_variance,
+            "log_variance": model_log_variance,
+            "pred_xstart": pred_xstart,
+        }
+
+    def _predict_xstart_from_eps(self, x_t, t, eps):
+        return (
+            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+        )
+
+    def _predict_xstart_from_xprev(self, x_t, t, xprev):
+        return (
+            self._extract(self.xprev_coef_xprev, t, x_t.shape) * xprev
+            - self._extract(self.xprev_coef_xt, t, x_t.shape) * x_t
+        )
+
+    def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
+        return (
+            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
+        ) / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+
+    def _scale_timesteps(self, t):
+        if self.rescale_timesteps:
+            return t.float() * (1000.0 / self.num_timesteps)
+        return t
+
+    def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+        """Shift the mean by σ²·∇_x log p(y | x_t) (Sohl-Dickstein et al.; ADM)."""
+        gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
+        return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
+
+    def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+        """Score-based conditioning for DDIM (Song et al.): ε -= √(1-ᾱ_t)·∇_x log p(y | x_t)."""
+        alpha_bar = self._extract(self.alphas_cumprod, t, x.shape)
+        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
+        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
+        out = dict(p_mean_var)
+        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
+        out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
+        return out
+
+    def p_sample(
+        self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, noise_fn=None
+    ):
+        """One ancestral step x_t -> x_{t-1} (COMPAT §4).
+
+        :param noise_fn: callable x -> standard normal noise shaped like x (default torch.randn_like);
+            per-sample generators plug in here.
+        :return: dict with 'sample' (x_{t-1}) and 'pred_xstart', each [N, C, H, W].
+        """
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
+        noise = (noise_fn or torch.randn_like)(x)
+        nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # no noise at t == 0
+        if cond_fn is not None:
+            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def p_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        noise_fn=None,
+    ):
+        """Ancestral sampling from x_T ~ N(0, I) down to x_0; returns the final [N, C, H, W] sample."""
+        final = None
+        for sample in self.p_sample_loop_progressive(
+            model,
+            shape,
+            noise=noise,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            device=device,
+            progress=progress,
+            noise_fn=noise_fn,
+        ):
+            final = sample
+        return final["sample"]
+
+    def p_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        noise_fn=None,
+    ):
+        """Yield p_sample's dict at every step from t = T-1 down to 0."""
+        img = self._initial_noise(shape, noise, device, noise_fn)
+        for i in self._reverse_indices(progress):
+            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
+            with torch.no_grad():
+                out = self.p_sample(
+                    model,
+                    img,
+                    t,
+                    clip_denoised=clip_denoised,
+                    denoised_fn=denoised_fn,
+                    cond_fn=cond_fn,
+                    model_kwargs=model_kwargs,
+                    noise_fn=noise_fn,
+                )
+            yield out
+            img = out["sample"]
+
+    def ddim_sample(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        eta=0.0,
+        noise_fn=None,
+    ):
+        """One DDIM step x_t -> x_{t-1} (Song et al.; COMPAT §4). The learned variance is unused.
+
+        :param eta: 0 for deterministic DDIM, 1 for ancestral-equivalent noise.
+        :return: dict with 'sample' and 'pred_xstart'.
+        """
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        # ε is recomputed from the (possibly clipped) x0 prediction.
+        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        alpha_bar = self._extract(self.alphas_cumprod, t, x.shape)
+        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x.shape)
+        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
+        if eta:
+            mean_pred = mean_pred + nonzero_mask * sigma * (noise_fn or torch.randn_like)(x)
+        return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
+        """One deterministic DDIM inversion step x_t -> x_{t+1} (needs eta == 0)."""
+        if eta != 0.0:
+            raise ValueError(f"reverse DDIM is only defined for eta 0, got eta={eta}")
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
+        eps = (
+            self._extract(self.sqrt_recip_alphas_cumprod, t, x.shape) * x - out["pred_xstart"]
+        ) / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x.shape)
+        alpha_bar_next = self._extract(self.alphas_cumprod_next, t, x.shape)
+        mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
+        return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+        noise_fn=None,
+    ):
+        """DDIM sampling from x_T down to x_0; returns the final [N, C, H, W] sample."""
+        final = None
+        for sample in self.ddim_sample_loop_progressive(
+            model,
+            shape,
+            noise=noise,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            device=device,
+            progress=progress,
+            eta=eta,
+            noise_fn=noise_fn,
+        ):
+            final = sample
+        return final["sample"]
+
+    def ddim_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+        noise_fn=None,
+    ):
+        """Yield ddim_sample's dict at every step from t = T-1 down to 0."""
+        img = self._initial_noise(shape, noise, device, noise_fn)
+        for i in self._reverse_indices(progress):
+            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
+            with torch.no_grad():
+                out = self.ddim_sample(
+                    model,
+                    img,
+                    t,
+                    clip_denoised=clip_denoised,
+                    denoised_fn=denoised_fn,
+                    cond_fn=cond_fn,
+                    model_kwargs=model_kwargs,
+                    eta=eta,
+                    noise_fn=noise_fn,
+                )
+            yield out
+            img = out["sample"]
+
+    def _initial_noise(self, shape, noise, device, noise_fn):
+        if noise is not None:
+            return noise
+        if device is None:
+            raise ValueError("pass either `noise` or `device` to the sampling loop")
+        if noise_fn is not None:
+            return noise_fn(torch.empty(*shape, device=device))
+        return torch.randn(*shape, device=device)
+
+    def _reverse_indices(self, progress):
+        indices = list(range(self.num_timesteps))[::-1]
+        return tqdm(indices, desc="denoising", leave=False) if progress else indices
+
+    # ------------------------------------------------------------------ losses
+
+    def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
+        """The VLB term L_{t-1} in bits per dimension: KL for t > 0, decoder NLL at t = 0 (COMPAT §2).
+
+        :return: dict with 'output' ([N] bits/dim) and 'pred_xstart'.
+        """
+        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)
+        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
+        kl = mean_flat(kl) / math.log(2.0)
+        decoder_nll = -discretized_gaussian_log_likelihood(
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+        )
+        decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
+        output = torch.where(t == 0, decoder_nll, kl)
+        return {"output": output, "pred_xstart": out["pred_xstart"]}
+
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+        """Per-sample training losses with P2 weighting (Eq. (8); COMPAT §1).
+
+        The MSE term is multiplied by (k + SNR_t)^-γ; the VB term of a learned variance is never weighted, and it
+        sees the mean prediction detached so it trains only the variance channels (the hybrid loss of IDDPM).
+
+        :param model: callable (x_t [N, C, H, W], t [N]) -> [N, C or 2C, H, W].
+        :param x_start: [N, C, H, W] data in [-1, 1].
+        :param t: [N] integer timesteps.
+        :return: dict of [N] tensors: 'loss'; with MSE losses also 'mse' (P2-weighted), 'mse_raw' (unweighted)
+            and, for a learned variance, 'vb'.
+        """
+        model_kwargs = model_kwargs or {}
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise=noise)
+
+        terms = {}
+        if self.loss_type.is_vb():
+            terms["vb"] = self._vb_terms_bpd(
+                model=model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False, model_kwargs=model_kwargs
+            )["output"]
+            terms["loss"] = terms["vb"] * (self.num_timesteps if self.loss_type == LossType.RESCALED_KL else 1)
+            return terms
+
+        model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
+        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+            C = x_t.shape[1]
+            if model_output.shape != (x_t.shape[0], C * 2, *x_t.shape[2:]):
+                raise ValueError(
+                    f"a learned variance needs {2 * C} output channels, the model gave {tuple(model_output.shape)}; "
+                    "check --learn_sigma"
+                )
+            model_output, model_var_values = torch.split(model_output, C, dim=1)
+            # The VB term sees a frozen mean, so it only trains the variance.
+            frozen_out = torch.cat([model_output.detach(), model_var_values], dim=1)
+            terms["vb"] = self._vb_terms_bpd(
+                model=lambda *args, r=frozen_out: r, x_start=x_start, x_t=x_t, t=t, clip_denoised=False
+            )["output"]
+            if self.loss_type == LossType.RESCALED_MSE:
+                # Divide by 1000 for equivalence with the initial IDDPM implementation (T/1000 = 1 at T = 1000).
+                terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
+
+        target = {
+            ModelMeanType.PREVIOUS_X: lambda: self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0],
+            ModelMeanType.START_X: lambda: x_start,
+            ModelMeanType.EPSILON: lambda: noise,
+        }[self.model_mean_type]()
+        if model_output.shape != target.shape:
+            raise ValueError(f"model output shape {tuple(model_output.shape)} != target shape {tuple(target.shape)}")
+        terms["mse_raw"] = mean_flat((target - model_output) ** 2)
+        terms["mse"] = self._extract(self.p2_weight, t, terms["mse_raw"].shape) * terms["mse_raw"]
+        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        return terms
+
+    def _prior_bpd(self, x_start):
+        """KL(q(x_T | x_0) || N(0, I)) in bits per dimension, [N]."""
+        batch_size = x_start.shape[0]
+        t = torch.full((batch_size,), self.num_timesteps - 1, device=x_start.device, dtype=torch.long)
+        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
+        kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
+        return mean_flat(kl_prior) / math.log(2.0)
+
+    def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None):
+        """The full variational bound in bits per dimension, term by term.
+
+        :return: dict with 'total_bpd' [N], 'prior_bpd' [N], and 'vb', 'xstart_mse', 'mse', each [N, T].
+        """
+        device = x_start.device
+        batch_size = x_start.shape[0]
+        vb, xstart_mse, mse = [], [], []
+        for t in list(range(self.num_timesteps))[::-1]:
+            t_batch = torch.full((batch_size,), t, device=device, dtype=torch.long)
+            noise = torch.randn_like(x_start)
+            x_t = self.q_sample(x_start=x_start, t=t_batch, noise=noise)
+            with torch.no_grad():
+                out = self._vb_terms_bpd(
+                    model, x_start=x_start, x_t=x_t, t=t_batch, clip_denoised=clip_denoised, model_kwargs=model_kwargs
+                )
+            vb.append(out["output"])
+            xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
+            eps = self._predict_eps_from_xstart(x_t, t_batch, out["pred_xstart"])
+            mse.append(mean_flat((eps - noise) ** 2))
+
+        vb = torch.stack(vb[::-1], dim=1)
+        xstart_mse = torch.stack(xstart_mse[::-1], dim=1)
+        mse = torch.stack(mse[::-1], dim=1)
+        prior_bpd = self._prior_bpd(x_start)
+        return {
+            "total_bpd": vb.sum(dim=1) + prior_bpd,
+            "prior_bpd": prior_bpd,
+            "vb": vb,
+            "xstart_mse": xstart_mse,
+            "mse": mse,
+        }
+
+    # ------------------------------------------------------------------ helpers
+
+    def _extract(self, arr, timesteps, broadcast_shape):
+        """Index a [T] float64 table at `timesteps` and reshape to broadcast against `broadcast_shape` (float32).
+
+        The diffusion's own tables are moved to a device once and cached there, so a step does no
+        host-to-device copy; any other array is converted on each call.
+        """
+        if id(arr) not in self._cached_table_ids:
+            return _extract_into_tensor(arr, timesteps, broadcast_shape)
+        key = (id(arr), timesteps.device)
+        table = self._device_tables.get(key)
+        if table is None:
+            table = self._device_tables[key] = torch.as_tensor(arr, dtype=torch.float64).to(timesteps.device)
+        res = table[timesteps].float()
+        return res.view(-1, *([1] * (len(broadcast_shape) - 1))).expand(broadcast_shape)
+
+
+def _check_p2_settings(p2_gamma, p2_k, loss_type):
+    """Reject P2 settings that the reference silently accepts (COMPAT §1, §12 #14)."""
+    if not math.isfinite(p2_gamma) or p2_gamma < 0:
+        raise ValueError(f"--p2_gamma must be a finite number >= 0 (0 = baseline), got {p2_gamma}")
+    if p2_gamma > 0 and not p2_k > 0:
+        raise ValueError(
+            f"--p2_k must be > 0 when --p2_gamma > 0 (k <= 0 makes the weight explode at small SNR), got {p2_k}"
+        )
+    if p2_gamma > 0 and loss_type.is_vb():
+        raise ValueError(
+            f"--p2_gamma {p2_gamma} has no effect with --use_kl True: P2 weights the MSE term, which the KL loss "
+            "does not have; use --use_kl False (hybrid loss) or --p2_gamma 0"
+        )
+
+
+def _extract_into_tensor(arr, timesteps, broadcast_shape):
+    """ADM's helper: index a numpy table at `timesteps` as a float32 tensor broadcastable to `broadcast_shape`."""
+    res = torch.from_numpy(np.asarray(arr)).to(device=timesteps.device)[timesteps].float()
+    return res.view(-1, *([1] * (len(broadcast_shape) - 1))).expand(broadcast_shape)
