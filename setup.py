@@ -16,6 +16,7 @@ setup(
         "tqdm",
         "clean-fid",  # the paper's FID/KID protocol
         "pyyaml",  # configs/*.yaml: one file per row of the paper's Table A
+        "matplotlib",  # the figures of the paper's analyses (weights, losses and FID through training)
     ],
     extras_require={
         "test": ["pytest"],
