@@ -233,13 +233,8 @@ def args_to_dict(args, keys):
     return {k: getattr(args, k) for k in keys}
 
 
-def load_config(path, allowed_keys):
-    """Read a YAML config (a flat mapping of flag names to values) and check every key is a known flag.
-
-    :param path: YAML file.
-    :param allowed_keys: flag names the calling script accepts.
-    :return: dict of flag values.
-    """
+def read_config_file(path):
+    """Read a YAML config file: a flat mapping of flag names to values (no key check; see load_config)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist; see configs/ for the bundled ones")
     with open(path) as f:
@@ -249,6 +244,17 @@ def load_config(path, allowed_keys):
             raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path!r} must hold a mapping of flag names to values")
+    return values
+
+
+def load_config(path, allowed_keys):
+    """Read a YAML config (a flat mapping of flag names to values) and check every key is a known flag.
+
+    :param path: YAML file.
+    :param allowed_keys: flag names the calling script accepts.
+    :return: dict of flag values.
+    """
+    values = read_config_file(path)
     unknown = sorted(set(values) - set(allowed_keys))
     if unknown:
         raise ValueError(

@@ -1,0 +1,413 @@
+"""Checkpoints: atomic writes, the reference's files, a full training state, resume lookup (COMPAT §7, §12 #3-#5).
+
+A checkpoint at step S (S = optimizer steps the weights have seen; %06d is a minimum width) is these files in the
+log dir, written in this order:
+
+    modelSSSSSS.pt           fp32 model state_dict (the reference's file; image_sample.py loads it)
+    ema_{rate}_SSSSSS.pt     EMA state_dict, one per rate, the rate spelled as given (ema_0.9999_010000.pt)
+    optSSSSSS.pt             optimizer state_dict
+    stateSSSSSS.pt           the training state: everything an exact resume needs (see `training_state`)
+
+The state file comes last, so its presence marks the checkpoint complete. Every file goes through `atomic_write`
+(temporary file beside the target, fsync, rename), so a crash or SIGKILL leaves either the previous file or the new
+one, never a torn one. Everything is stored as tensors and primitive containers, so `torch.load(weights_only=True)`
+reads it all.
+"""
+
+import os
+import random
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import yaml
+
+from . import dist_util
+from .script_util import model_defaults
+
+TRAINING_STATE_FORMAT = "p2-diffusion training state"
+TRAINING_STATE_VERSION = 1
+CONFIG_FILE = "config.yaml"
+TEMPORARY_MARKER = ".tmp-"
+
+# Flags that define the network (its state_dict and function); resuming with other values is an error.
+# use_checkpoint (memory only) and use_fp16 (a precision, see --precision) do not change the weights' meaning.
+MODEL_CONFIG_KEYS = tuple(sorted((set(model_defaults()) | {"learn_sigma"}) - {"use_checkpoint", "use_fp16"}))
+
+_MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
+_STATE_FILE = re.compile(r"^state(\d+)\.pt$")
+_STEP_SUFFIX = re.compile(r"^(model|opt|state|ema_.+_)(\d+)\.pt$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def atomic_write(path, write):
+    """Write a file so that readers only ever see the old or the complete new content.
+
+    :param path: target file; a blobfile URL (gs://, az://) is uploaded in one piece, which is atomic there.
+    :param write: function called with a binary file object open for writing.
+    """
+    if "://" in path:
+        import blobfile
+
+        with blobfile.BlobFile(path, "wb") as f:
+            write(f)
+        return
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{name}{TEMPORARY_MARKER}{os.getpid()}")
+    try:
+        with open(temporary, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory):
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_torch(obj, path):
+    """torch.save, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_config(log_dir, config):
+    """Write the resolved flags as YAML (config.yaml) in `log_dir`; sampling and resume read it back."""
+    text = yaml.safe_dump(dict(config), sort_keys=True).encode()
+    atomic_write(os.path.join(log_dir, CONFIG_FILE), lambda f: f.write(text))
+
+
+def read_config(log_dir):
+    """The flags saved by `save_config`, or None when `log_dir` has no config.yaml."""
+    path = os.path.join(log_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def check_log_dir(log_dir, start_step, remove_temporaries=True):
+    """Create `log_dir` for a run starting at `start_step`; refuse one whose checkpoints it would overwrite.
+
+    :param remove_temporaries: delete the temporary files of writes that were killed (pass True on one rank).
+    :raises FileExistsError: when `log_dir` holds complete checkpoints newer than `start_step`.
+    """
+    os.makedirs(log_dir, exist_ok=True)
+    newer = [step for step in complete_steps(log_dir) if step > start_step]
+    if newer:
+        raise FileExistsError(
+            f"--log_dir {log_dir} already holds checkpoints of step(s) {', '.join(map(str, newer))}, after the "
+            f"start step {start_step}; continuing there would overwrite them. Resume with --resume_checkpoint "
+            f"{log_dir}, or choose another --log_dir"
+        )
+    if remove_temporaries:
+        for name in os.listdir(log_dir):
+            if name.startswith(".") and TEMPORARY_MARKER in name:
+                warnings.warn(f"removing {name} from {log_dir}: a temporary file of an interrupted write", stacklevel=2)
+                os.remove(os.path.join(log_dir, name))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# File names and listing
+
+
+def model_path(log_dir, step):
+    return os.path.join(log_dir, f"model{step:06d}.pt")
+
+
+def ema_path(log_dir, rate, step):
+    return os.path.join(log_dir, f"ema_{rate}_{step:06d}.pt")
+
+
+def opt_path(log_dir, step):
+    return os.path.join(log_dir, f"opt{step:06d}.pt")
+
+
+def state_path(log_dir, step):
+    return os.path.join(log_dir, f"state{step:06d}.pt")
+
+
+def complete_steps(log_dir):
+    """Sorted steps of the complete checkpoints (those with a state file) in `log_dir`."""
+    return sorted(int(m.group(1)) for m in map(_STATE_FILE.match, os.listdir(log_dir)) if m)
+
+
+def checkpoint_files_by_step(log_dir):
+    """{step: [file names]} of every checkpoint file (complete or not) in `log_dir`."""
+    files = {}
+    for name in os.listdir(log_dir):
+        match = _STEP_SUFFIX.match(name)
+        if match:
+            files.setdefault(int(match.group(2)), []).append(name)
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and pruning
+
+
+def save_checkpoint(log_dir, state):
+    """Write the checkpoint of a training state (see `training_state`): reference files first, state file last.
+
+    An existing complete checkpoint of the same step is never replaced (COMPAT §12 #5); reference files of the
+    same step without a state file are the remains of an interrupted write and are replaced, with a warning.
+    """
+    step = state["step"]
+    if os.path.exists(state_path(log_dir, step)):
+        raise FileExistsError(
+            f"{state_path(log_dir, step)} already exists; refusing to overwrite a complete checkpoint. "
+            "Resume from it with --resume_checkpoint, or train into another --log_dir"
+        )
+    leftovers = checkpoint_files_by_step(log_dir).get(step, [])
+    if leftovers:
+        warnings.warn(
+            f"replacing {', '.join(sorted(leftovers))} in {log_dir}: an interrupted run left this incomplete "
+            "checkpoint (no state file)",
+            stacklevel=2,
+        )
+    save_torch(state["model"], model_path(log_dir, step))
+    for rate, ema_state in state["ema"].items():
+        save_torch(ema_state, ema_path(log_dir, rate, step))
+    save_torch(state["optimizer"], opt_path(log_dir, step))
+    save_torch(state, state_path(log_dir, step))
+
+
+def prune_checkpoints(log_dir, keep):
+    """Delete every file of all but the newest `keep` complete checkpoints (keep <= 0: keep all).
+
+    The newest complete checkpoint is always kept. Returns the steps deleted.
+    """
+    if keep <= 0:
+        return []
+    steps = complete_steps(log_dir)
+    if not steps:
+        return []
+    oldest_kept = steps[-keep] if keep <= len(steps) else steps[0]
+    files = checkpoint_files_by_step(log_dir)
+    deleted = sorted(step for step in files if step < oldest_kept)
+    for step in deleted:
+        # The state file goes first: a checkpoint whose deletion is interrupted is incomplete, never half-valid.
+        for name in sorted(files[step], key=lambda n: not n.startswith("state")):
+            os.remove(os.path.join(log_dir, name))
+    return deleted
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training state
+
+
+def training_state(*, step, model, ema, optimizer, grad_scaler, schedule_sampler, rng, data, config):
+    """The dict stored in stateNNNNNN.pt; every value is a tensor, a primitive or a container of those.
+
+    :param step: optimizer steps the weights have seen.
+    :param model: model state_dict (fp32).
+    :param ema: {rate as spelled in --ema_rate: EMA state_dict}.
+    :param optimizer: optimizer state_dict.
+    :param grad_scaler: GradScaler state_dict ({} without fp16).
+    :param schedule_sampler: the timestep sampler's state_dict (loss history of loss-second-moment).
+    :param rng: per-rank list of `capture_rng_state()` results, indexed by rank.
+    :param data: the data iterator's state_dict (position of the next batch).
+    :param config: the resolved flags (dict of primitives).
+    """
+    return dict(
+        format=TRAINING_STATE_FORMAT,
+        version=TRAINING_STATE_VERSION,
+        step=int(step),
+        model=model,
+        ema=dict(ema),
+        optimizer=optimizer,
+        grad_scaler=dict(grad_scaler),
+        schedule_sampler=dict(schedule_sampler),
+        rng=list(rng),
+        data=dict(data),
+        config=dict(config),
+    )
+
+
+def is_training_state(obj):
+    return isinstance(obj, dict) and obj.get("format") == TRAINING_STATE_FORMAT
+
+
+def capture_rng_state():
+    """This process's random states (torch CPU and CUDA, numpy, Python) as tensors and primitives."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def restore_rng_state(state):
+    """Inverse of `capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resuming
+
+
+@dataclass
+class ResumePoint:
+    """What a resume starts from.
+
+    :param step: optimizer steps the weights have seen.
+    :param model: model state_dict.
+    :param ema: {rate: EMA state_dict} for the rates found (missing rates start from the model weights).
+    :param optimizer: optimizer state_dict, or None when not found.
+    :param state: the whole training state for an exact resume, or None for a reference-style model file.
+    :param source: the file the weights came from.
+    """
+
+    step: int
+    model: dict
+    ema: dict = field(default_factory=dict)
+    optimizer: dict = None
+    state: dict = None
+    source: str = ""
+
+    @property
+    def log_dir(self):
+        return os.path.dirname(os.path.abspath(self.source))
+
+
+def load_resume_point(path, ema_rates, config=None):
+    """Find and read what `--resume_checkpoint path` names; every rank calls this (no collective, §12 #3).
+
+    :param path: a training-state file (stateNNNNNN.pt), a reference modelNNNNNN.pt (its EMA and optimizer files
+        are looked up beside it, with a warning for each one missing), or a log dir (its newest complete
+        checkpoint, else its newest model file).
+    :param ema_rates: rates (strings as in --ema_rate) the run keeps.
+    :param config: the run's resolved flags; when given, the checkpoint's model flags must equal them.
+    :raises ValueError: for files that do not say their step (ema_/opt files, renamed files), or a model config
+        that differs from `config`.
+    """
+    if os.path.isdir(path):
+        path = _newest_checkpoint_file(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume_checkpoint {path!r} does not exist")
+    loaded = dist_util.load_state_dict(path)
+    if is_training_state(loaded):
+        point = _resume_from_state(loaded, path, ema_rates)
+        saved_config = loaded["config"]
+    else:
+        point = _resume_from_reference_files(loaded, path, ema_rates)
+        saved_config = read_config(point.log_dir)
+    if config is not None and saved_config is not None:
+        check_same_model_config(saved_config, config, source=path)
+    return point
+
+
+def _newest_checkpoint_file(log_dir):
+    steps = complete_steps(log_dir)
+    if steps:
+        return state_path(log_dir, steps[-1])
+    model_steps = sorted(int(m.group(1)) for m in map(_MODEL_FILE.match, os.listdir(log_dir)) if m)
+    if model_steps:
+        return model_path(log_dir, model_steps[-1])
+    raise FileNotFoundError(
+        f"--resume_checkpoint {log_dir!r} is a directory without checkpoints (stateNNNNNN.pt or modelNNNNNN.pt)"
+    )
+
+
+def _resume_from_state(state, path, ema_rates):
+    if state["version"] != TRAINING_STATE_VERSION:
+        raise ValueError(
+            f"{path} is a training state of version {state['version']}; this code reads version "
+            f"{TRAINING_STATE_VERSION}"
+        )
+    ema = {rate: state["ema"][rate] for rate in ema_rates if rate in state["ema"]}
+    _warn_ema_rates(path, ema_rates, ema, unused=sorted(set(state["ema"]) - set(ema_rates)))
+    return ResumePoint(
+        step=state["step"], model=state["model"], ema=ema, optimizer=state["optimizer"], state=state, source=path
+    )
+
+
+def _resume_from_reference_files(model_state, path, ema_rates):
+    name = os.path.basename(path)
+    match = _MODEL_FILE.match(name)
+    if match is None:
+        raise ValueError(
+            f"--resume_checkpoint {path!r}: cannot tell which step this file holds (COMPAT §12 #4). Pass a "
+            "stateNNNNNN.pt, a modelNNNNNN.pt (its ema_ and opt files are read from beside it) or a log dir. "
+            "To start from released weights at step 0, copy them to model000000.pt"
+        )
+    step = int(match.group(1))
+    log_dir = os.path.dirname(os.path.abspath(path))
+    ema = {}
+    for rate in ema_rates:
+        candidate = ema_path(log_dir, rate, step)
+        if os.path.isfile(candidate):
+            ema[rate] = dist_util.load_state_dict(candidate)
+    _warn_ema_rates(path, ema_rates, ema, unused=[])
+    optimizer = None
+    if os.path.isfile(opt_path(log_dir, step)):
+        optimizer = dist_util.load_state_dict(opt_path(log_dir, step))
+    else:
+        warnings.warn(f"{opt_path(log_dir, step)} not found: the optimizer starts afresh", stacklevel=3)
+    warnings.warn(
+        f"resuming from the reference-style file {path}: random states, data position, loss scale and sampler "
+        "history are not stored there, so this resume is not exact",
+        stacklevel=3,
+    )
+    return ResumePoint(step=step, model=model_state, ema=ema, optimizer=optimizer, source=path)
+
+
+def _warn_ema_rates(path, ema_rates, found, unused):
+    for rate in ema_rates:
+        if rate not in found:
+            warnings.warn(f"{path}: no EMA at rate {rate}; it starts from the model weights", stacklevel=4)
+    if unused:
+        warnings.warn(f"{path}: EMA rate(s) {', '.join(unused)} not in --ema_rate are dropped", stacklevel=4)
+
+
+def check_same_model_config(saved, current, source):
+    """Raise ValueError naming every model flag (MODEL_CONFIG_KEYS) whose value differs between the configs."""
+    differing = [
+        f"--{key} {saved[key]!r} in the checkpoint vs {current[key]!r} now"
+        for key in MODEL_CONFIG_KEYS
+        if key in saved and key in current and saved[key] != current[key]
+    ]
+    if differing:
+        raise ValueError(
+            f"cannot resume from {source}: the model config differs ({'; '.join(differing)}). "
+            "Pass the checkpoint's values (or its config.yaml via --config)"
+        )

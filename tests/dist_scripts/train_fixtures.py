@@ -1,0 +1,142 @@
+"""Tiny training runs shared by the training tests and the launched multi-rank scripts.
+
+A 16 px, 32-channel, two-level U-Net with learned sigmas and T = 100 trains a step in about 0.1 s on one CPU
+thread. Every run uses one torch thread so that results are bit-comparable between processes.
+"""
+
+import csv
+import hashlib
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = os.path.join(ROOT, "scripts")
+for path in (ROOT, SCRIPTS):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from sample_tiny_model import TINY_MODEL_FLAGS  # noqa: E402
+
+TINY_TRAIN_FLAGS = dict(
+    TINY_MODEL_FLAGS,
+    diffusion_steps=100,
+    learn_sigma=True,
+    rescale_learned_sigmas=True,
+    p2_gamma=1.0,
+    batch_size=4,
+    lr=1e-3,
+    ema_rate="0.9,0.99",
+    log_interval=2,
+    save_interval=2,
+    num_workers=0,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: bit-identical results across the processes of a test, and no oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A folder of 16 tiny PNGs."""
+    return make_image_folder(str(tmp_path_factory.mktemp("images")))
+
+
+def train(data_dir, log_dir, **flags):
+    """Run image_train.py in this process; returns the finished TrainLoop."""
+    import image_train
+
+    return image_train.main(train_argv(data_dir, str(log_dir), **flags))
+
+
+def train_argv(data_dir, log_dir, **overrides):
+    """image_train.py tokens for a tiny run on `data_dir` into `log_dir`."""
+    tokens = []
+    for key, value in {**TINY_TRAIN_FLAGS, "data_dir": data_dir, "log_dir": log_dir, **overrides}.items():
+        tokens += [f"--{key}", str(value)]
+    return tokens
+
+
+def make_image_folder(folder, count=16, size=20, seed=0):
+    """`count` random RGB PNGs of size x size pixels, two classes by name prefix ("a_", "b_")."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"{'ab'[i % 2]}_{i:03d}.png"))
+    return folder
+
+
+def tensor_digest(obj):
+    """SHA-256 over every tensor (and primitive) in a nested state, in key order: equal iff bit-identical."""
+    digest = hashlib.sha256()
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(str(key).encode())
+                visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        else:
+            digest.update(repr(value).encode())
+
+    visit(obj)
+    return digest.hexdigest()
+
+
+def checkpoint_digests(log_dir, step, ema_rates=("0.9", "0.99")):
+    """{file name: tensor_digest} of the reference files of checkpoint `step`."""
+    names = [f"model{step:06d}.pt", f"opt{step:06d}.pt"] + [f"ema_{r}_{step:06d}.pt" for r in ema_rates]
+    return {
+        name: tensor_digest(torch.load(os.path.join(log_dir, name), map_location="cpu", weights_only=True))
+        for name in names
+    }
+
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+LAUNCHER_PREFIXES = ("PMI_", "OMPI_", "MV2_", "PMIX_", "HYDRA_", "TORCHELASTIC_")
+
+
+def clean_env(**extra):
+    """This environment without any launcher's variables, one torch thread, no visible GPU (gloo on the CPU)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCHER_VARIABLES and not k.startswith(LAUNCHER_PREFIXES)
+    }
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **extra)
+    return env
+
+
+def launcher_command(launcher, script, *args):
+    """Command running `script` on 2 ranks with the venv's mpiexec ("mpi") or torchrun ("torchrun")."""
+    if launcher == "mpi":
+        mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+        return [mpiexec, "-n", "2", sys.executable, "-m", "mpi4py", script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
+
+
+def has_mpiexec():
+    return os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec"))
+
+
+def read_progress(log_dir):
+    """progress.csv rows as {key: float} (empty cells left out)."""
+    with open(os.path.join(log_dir, "progress.csv"), newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]

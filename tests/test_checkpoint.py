@@ -1,0 +1,171 @@
+"""Atomic writes, checkpoint files, pruning, random-state capture and resume lookup (COMPAT §7, §12 #3-#5)."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion import checkpoint
+
+RATES = ["0.9999", "0.999"]
+
+
+def _state(step, value=0.0, config=None):
+    """A small training state whose tensors hold `value`."""
+    weights = {"w": torch.full((2, 3), value), "b": torch.full((3,), value)}
+    return checkpoint.training_state(
+        step=step,
+        model=weights,
+        ema={rate: {k: v + 1 for k, v in weights.items()} for rate in RATES},
+        optimizer={"state": {0: {"step": torch.tensor(float(step))}}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
+        grad_scaler={},
+        schedule_sampler={},
+        rng=[checkpoint.capture_rng_state()],
+        data={"epoch": 0, "batch_index": step},
+        config=config or {"num_channels": 32, "image_size": 16, "lr": 1e-4},
+    )
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temporary(tmp_path):
+    path = str(tmp_path / "f.bin")
+    checkpoint.atomic_write(path, lambda f: f.write(b"old"))
+    checkpoint.atomic_write(path, lambda f: f.write(b"new content"))
+    assert open(path, "rb").read() == b"new content"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_failed_atomic_write_keeps_the_previous_file(tmp_path):
+    path = str(tmp_path / "f.bin")
+    checkpoint.atomic_write(path, lambda f: f.write(b"good"))
+
+    def half_then_fail(f):
+        f.write(b"torn")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        checkpoint.atomic_write(path, half_then_fail)
+    assert open(path, "rb").read() == b"good"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_save_checkpoint_writes_reference_files_and_state(tmp_path):
+    log_dir = str(tmp_path)
+    checkpoint.save_checkpoint(log_dir, _state(10, value=2.0))
+    assert sorted(os.listdir(log_dir)) == sorted(
+        ["ema_0.999_000010.pt", "ema_0.9999_000010.pt", "model000010.pt", "opt000010.pt", "state000010.pt"]
+    )
+    model = torch.load(tmp_path / "model000010.pt", weights_only=True)
+    ema = torch.load(tmp_path / "ema_0.9999_000010.pt", weights_only=True)
+    assert torch.equal(model["w"], torch.full((2, 3), 2.0)) and torch.equal(ema["w"], torch.full((2, 3), 3.0))
+    state = torch.load(tmp_path / "state000010.pt", weights_only=True)
+    assert checkpoint.is_training_state(state) and state["step"] == 10
+    assert checkpoint.complete_steps(log_dir) == [10]
+
+
+def test_complete_checkpoint_is_never_overwritten(tmp_path):
+    checkpoint.save_checkpoint(str(tmp_path), _state(4, value=1.0))
+    with pytest.raises(FileExistsError, match="state000004.pt"):
+        checkpoint.save_checkpoint(str(tmp_path), _state(4, value=5.0))
+    assert torch.load(tmp_path / "model000004.pt", weights_only=True)["w"][0, 0] == 1.0
+
+
+def test_incomplete_checkpoint_is_replaced_with_a_warning(tmp_path):
+    torch.save({"w": torch.zeros(1)}, tmp_path / "model000004.pt")  # an interrupted write left no state file
+    with pytest.warns(UserWarning, match="model000004.pt"):
+        checkpoint.save_checkpoint(str(tmp_path), _state(4, value=1.0))
+    assert torch.load(tmp_path / "model000004.pt", weights_only=True)["w"][0, 0] == 1.0
+
+
+def test_prune_keeps_newest_complete_checkpoints(tmp_path):
+    for step in (2, 4, 6):
+        checkpoint.save_checkpoint(str(tmp_path), _state(step))
+    torch.save({}, tmp_path / "model000008.pt")  # incomplete and newer: not counted, not deleted
+    assert checkpoint.prune_checkpoints(str(tmp_path), keep=0) == []
+    assert checkpoint.prune_checkpoints(str(tmp_path), keep=2) == [2]
+    assert checkpoint.complete_steps(str(tmp_path)) == [4, 6]
+    assert sorted(checkpoint.checkpoint_files_by_step(str(tmp_path))) == [4, 6, 8]
+    assert checkpoint.prune_checkpoints(str(tmp_path), keep=1) == [4]
+    assert checkpoint.complete_steps(str(tmp_path)) == [6]
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.randn()  # leaves a cached Gaussian in numpy's state
+    torch.save(checkpoint.capture_rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.randn(3), random.random())
+    checkpoint.restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), np.random.randn(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_resume_from_state_file_and_from_log_dir(tmp_path):
+    for step in (2, 4):
+        checkpoint.save_checkpoint(str(tmp_path), _state(step, value=float(step)))
+    torch.save({}, tmp_path / "model000006.pt")  # incomplete: the log dir resumes from step 4
+    for path in (tmp_path / "state000004.pt", tmp_path):
+        point = checkpoint.load_resume_point(str(path), RATES)
+        assert point.step == 4 and point.state["data"] == {"epoch": 0, "batch_index": 4}
+        assert torch.equal(point.model["w"], torch.full((2, 3), 4.0))
+        assert sorted(point.ema) == sorted(RATES) and point.optimizer is not None
+
+
+def test_resume_from_reference_model_file_warns_for_each_missing_file(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "model000300.pt")
+    torch.save({"w": torch.full((2,), 7.0)}, tmp_path / "ema_0.9999_000300.pt")
+    with pytest.warns(UserWarning) as caught:
+        point = checkpoint.load_resume_point(str(tmp_path / "model000300.pt"), RATES)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "rate 0.999;" in messages and "opt000300.pt not found" in messages and "not exact" in messages
+    assert point.step == 300 and point.state is None and point.optimizer is None
+    assert list(point.ema) == ["0.9999"] and point.ema["0.9999"]["w"][0] == 7.0
+
+
+@pytest.mark.parametrize("name", ["ema_0.9999_000300.pt", "opt000300.pt", "ffhq_p2.pt"])
+def test_files_that_do_not_tell_their_step_fail_loudly(tmp_path, name):
+    torch.save({"w": torch.ones(2)}, tmp_path / name)
+    with pytest.raises(ValueError, match="cannot tell which step"):
+        checkpoint.load_resume_point(str(tmp_path / name), RATES)
+
+
+def test_renamed_state_file_still_resumes_at_its_stored_step(tmp_path):
+    checkpoint.save_checkpoint(str(tmp_path), _state(8))
+    os.rename(tmp_path / "state000008.pt", tmp_path / "best.pt")
+    assert checkpoint.load_resume_point(str(tmp_path / "best.pt"), RATES).step == 8
+
+
+def test_resume_with_different_model_config_names_the_flags(tmp_path):
+    saved = {"num_channels": 32, "image_size": 16, "dropout": 0.0, "lr": 1e-4}
+    checkpoint.save_checkpoint(str(tmp_path), _state(2, config=saved))
+    changed = {**saved, "num_channels": 64, "image_size": 32, "lr": 2e-5, "dropout": 0}
+    with pytest.raises(ValueError) as error:
+        checkpoint.load_resume_point(str(tmp_path), RATES, config=changed)
+    assert "--num_channels 32" in str(error.value) and "--image_size 16" in str(error.value)
+    assert "--lr" not in str(error.value) and "--dropout" not in str(error.value)
+    # A training flag such as lr may change on resume.
+    checkpoint.load_resume_point(str(tmp_path), RATES, config={**saved, "lr": 2e-5})
+
+
+def test_reference_files_are_checked_against_config_yaml_beside_them(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "model000002.pt")
+    checkpoint.save_config(str(tmp_path), {"num_res_blocks": 1})
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="--num_res_blocks 1"):
+        checkpoint.load_resume_point(str(tmp_path / "model000002.pt"), [], config={"num_res_blocks": 2})
+
+
+def test_check_log_dir_refuses_newer_checkpoints_and_removes_temporaries(tmp_path):
+    checkpoint.save_checkpoint(str(tmp_path), _state(6))
+    with pytest.raises(FileExistsError, match="step\\(s\\) 6"):
+        checkpoint.check_log_dir(str(tmp_path), start_step=0)
+    (tmp_path / f".model000008.pt{checkpoint.TEMPORARY_MARKER}123").write_bytes(b"torn")
+    with pytest.warns(UserWarning, match="interrupted write"):
+        checkpoint.check_log_dir(str(tmp_path), start_step=6)
+    assert not any(checkpoint.TEMPORARY_MARKER in name for name in os.listdir(tmp_path))
+
+
+def test_missing_resume_path_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint.load_resume_point(str(tmp_path / "nope.pt"), RATES)
+    with pytest.raises(FileNotFoundError, match="without checkpoints"):
+        checkpoint.load_resume_point(str(tmp_path), RATES)

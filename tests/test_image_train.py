@@ -1,0 +1,143 @@
+"""scripts/image_train.py: flags and configs, log dirs, config.yaml, resume rules, and a SIGKILL mid-checkpoint."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist_scripts"))
+from train_fixtures import (  # noqa: E402,F401  (images and one_thread are fixtures)
+    ROOT,
+    checkpoint_digests,
+    clean_env,
+    images,
+    one_thread,
+    read_progress,
+    train,
+    train_argv,
+)
+
+import image_train  # noqa: E402
+from guided_diffusion import checkpoint  # noqa: E402
+from guided_diffusion.script_util import model_and_diffusion_defaults  # noqa: E402
+
+KILLED = os.path.join(os.path.dirname(__file__), "dist_scripts", "train_killed.py")
+REFERENCE_TRAIN_FLAGS = dict(
+    data_dir="", log_dir="", schedule_sampler="uniform", lr=1e-4, weight_decay=0.0, lr_anneal_steps=0, batch_size=1,
+    microbatch=-1, ema_rate="0.9999", log_interval=10, save_interval=10000, resume_checkpoint="", use_fp16=False,
+    fp16_scale_growth=1e-3,
+)
+
+
+def test_reference_flags_keep_names_and_defaults():
+    args = image_train.parse_args(["--log_dir", "x"])
+    for key, value in {**REFERENCE_TRAIN_FLAGS, **model_and_diffusion_defaults()}.items():
+        if key != "log_dir":
+            assert getattr(args, key) == value, key
+    assert (args.seed, args.max_steps, args.precision, args.keep_checkpoints) == (0, 0, "fp32", 0)
+
+
+def test_no_arguments_means_the_demo_config(monkeypatch, tmp_path):
+    demo = tmp_path / "demo.yaml"
+    demo.write_text("image_size: 32\nnum_channels: 32\nmax_steps: 7\n")
+    monkeypatch.setattr(image_train, "DEMO_CONFIG", str(demo))
+    args = image_train.parse_args([])
+    assert (args.config, args.image_size, args.max_steps) == (str(demo), 32, 7)
+    assert image_train.parse_args(["--lr", "1e-3"]).image_size == 64  # any flag: the reference defaults
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_bundled_configs_parse(path):
+    args = image_train.parse_args(["--config", path])
+    assert args.config == path
+
+
+def test_default_log_dir_is_a_new_folder_under_runs(images, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    loop = image_train.main(train_argv(images, "", max_steps=1, save_interval=1, log_interval=1))
+    runs = os.listdir(tmp_path / "runs")
+    assert len(runs) == 1 and os.path.samefile(loop.log_dir, tmp_path / "runs" / runs[0])
+    args = image_train.parse_args(train_argv(images, ""))
+    assert image_train.resolve_config(args, 0, 1)["log_dir"] != loop.log_dir  # the next run gets its own folder
+
+
+def test_config_yaml_holds_resolved_flags_and_use_fp16_means_fp16(images, tmp_path):
+    train(images, tmp_path, use_fp16=True, max_steps=1, batch_size=2, log_interval=1)
+    config = yaml.safe_load(open(tmp_path / "config.yaml"))
+    assert config["precision"] == "fp16" and config["use_fp16"] is False  # fp32 weights, fp16 autocast
+    assert config["log_dir"] == str(tmp_path) and config["p2_gamma"] == 1.0
+    assert set(model_and_diffusion_defaults()) <= set(config) and "config" not in config
+    assert "lg_loss_scale" in read_progress(str(tmp_path))[0]
+    # The saved config is itself a valid --config file.
+    assert image_train.parse_args(["--config", str(tmp_path / "config.yaml")]).num_channels == 32
+    with pytest.raises(SystemExit, match="--use_fp16 True asks for fp16 but --precision is bf16"):
+        train(images, tmp_path / "conflict", use_fp16=True, precision="bf16")
+
+
+def test_image_sample_reads_the_saved_config(images, tmp_path):
+    import image_sample
+
+    train(images, tmp_path, max_steps=1, save_interval=1)
+    result = image_sample.main(["--model_path", str(tmp_path / "ema_0.99_000001.pt"), "--num_samples", "2",
+                                "--batch_size", "2", "--timestep_respacing", "3", "--sample_dir",
+                                str(tmp_path / "samples")])
+    assert result.num_samples == 2 and os.path.exists(result.npz_path)
+
+
+def test_log_dir_with_checkpoints_needs_resume(images, tmp_path):
+    train(images, tmp_path, max_steps=2)
+    with pytest.raises(SystemExit, match="already holds checkpoints of step\\(s\\) 2"):
+        train(images, tmp_path, max_steps=4)
+
+
+def test_resume_with_another_model_config_names_the_flags(images, tmp_path):
+    train(images, tmp_path, max_steps=2)
+    with pytest.raises(SystemExit, match="--num_res_blocks 1 in the checkpoint vs 2 now"):
+        train(images, tmp_path, max_steps=4, num_res_blocks=2, resume_checkpoint=str(tmp_path))
+
+
+def test_reference_style_resume_from_model_file_continues_in_its_folder(images, tmp_path):
+    train(images, tmp_path, max_steps=2)
+    for name in ("state000002.pt", "opt000002.pt", "ema_0.99_000002.pt"):
+        os.remove(tmp_path / name)
+    with pytest.warns(UserWarning) as caught:
+        loop = image_train.main(train_argv(images, "", max_steps=4, resume_checkpoint=str(tmp_path / "model000002.pt")))
+    messages = " ".join(str(w.message) for w in caught)
+    assert "rate 0.99;" in messages and "opt000002.pt not found" in messages
+    assert loop.step == 4 and os.path.samefile(loop.log_dir, tmp_path)
+    assert checkpoint.complete_steps(str(tmp_path)) == [4]
+
+
+def test_keep_checkpoints_prunes_older_ones(images, tmp_path):
+    train(images, tmp_path, max_steps=6, save_interval=2, keep_checkpoints=2)
+    assert checkpoint.complete_steps(str(tmp_path)) == [4, 6]
+    assert sorted(checkpoint.checkpoint_files_by_step(str(tmp_path))) == [4, 6]
+
+
+def test_sigkill_during_checkpoint_write_keeps_previous_and_resume_is_exact(images, tmp_path):
+    flags = dict(max_steps=6, save_interval=2, log_interval=2)
+    train(images, tmp_path / "straight", **flags)
+    killed_dir = tmp_path / "killed"
+    result = subprocess.run(
+        [sys.executable, KILLED, "state000004.pt", *train_argv(images, str(killed_dir), **flags)],
+        env=clean_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    names = os.listdir(killed_dir)
+    assert checkpoint.complete_steps(str(killed_dir)) == [2]
+    assert "model000004.pt" in names and "state000004.pt" not in names  # killed between the files of step 4
+    assert any(n.startswith(".state000004.pt" + checkpoint.TEMPORARY_MARKER) for n in names)
+    previous = torch.load(killed_dir / "state000002.pt", weights_only=True)
+    assert checkpoint.is_training_state(previous) and previous["step"] == 2
+
+    with pytest.warns(UserWarning, match="interrupted"):
+        resumed = train(images, killed_dir, resume_checkpoint=str(killed_dir), **flags)
+    assert resumed.step == 6
+    assert checkpoint.complete_steps(str(killed_dir)) == [2, 4, 6]
+    assert not any(checkpoint.TEMPORARY_MARKER in n for n in os.listdir(killed_dir))
+    assert checkpoint_digests(str(killed_dir), 6) == checkpoint_digests(str(tmp_path / "straight"), 6)
