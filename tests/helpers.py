@@ -4,6 +4,7 @@ import decimal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
@@ -60,3 +61,27 @@ class OracleEpsModel(torch.nn.Module):
         if self.learn_sigma:
             return torch.cat([eps, torch.zeros_like(eps)], dim=1)
         return eps
+
+
+class StandInInception(torch.nn.Module):
+    """Two random convolutions and a global average: [N, 3, 299, 299] in [-1, 1) -> [N, 16, 1, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 5, stride=4),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, stride=2),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+        )
+
+    def forward(self, img, return_features: bool = False):
+        x = F.interpolate(img, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.layers((x - 128) / 128)
+
+
+def save_standin_inception(path):
+    """Write StandInInception as TorchScript laid out like clean-fid's Inception file; returns `path`."""
+    torch.jit.script(StandInInception().eval()).save(str(path))
+    return str(path)
