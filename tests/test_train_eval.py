@@ -1,0 +1,88 @@
+"""FID/KID during training (issue 7; paper Fig. 4): logged at eval steps from the EMA weights, resume-safe."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist_scripts"))
+
+from guided_diffusion import evaluation  # noqa: E402
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from guided_diffusion.train_eval import TrainingEvaluator, sampling_options  # noqa: E402
+from helpers import save_standin_inception  # noqa: E402
+from train_fixtures import (  # noqa: E402,F401 (one_thread: an autouse fixture, active once imported)
+    TINY_TRAIN_FLAGS,
+    checkpoint_digests,
+    images,
+    one_thread,
+    read_progress,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_standin_inception(tmp_path_factory.mktemp("net") / "standin.pt")
+
+
+def eval_flags(standin, cache_dir):
+    return dict(
+        eval_interval=2,
+        eval_samples=6,
+        eval_batch_size=4,
+        eval_timestep_respacing="ddim5",
+        inception_path=standin,
+        eval_cache_dir=str(cache_dir),
+    )
+
+
+def test_scores_logged_at_eval_steps_come_from_the_ema_weights(images, standin, tmp_path):
+    flags = eval_flags(standin, tmp_path / "cache")
+    train(images, tmp_path / "run", max_steps=4, **flags)
+    rows = [row for row in read_progress(tmp_path / "run") if "fid" in row]
+    assert [row["step"] for row in rows] == [2, 4]
+    for row in rows:
+        assert row["fid"] > 0 and row["kid_x1e3"] == pytest.approx(row["kid"] * 1e3) and row["eval_samples"] == 6
+
+    # The same evaluation, rebuilt by hand on the saved EMA weights of step 4, gives the logged numbers.
+    config = {**model_and_diffusion_defaults(), **TINY_TRAIN_FLAGS, "timestep_respacing": "ddim5"}
+    model, diffusion = create_model_and_diffusion(**{k: config[k] for k in model_and_diffusion_defaults()})
+    ema = torch.load(tmp_path / "run" / "ema_0.9_000004.pt", weights_only=True)
+    model.load_state_dict(ema)
+    evaluator = TrainingEvaluator(
+        diffusion=diffusion,
+        options=sampling_options(config["image_size"], False, True, "fp32"),
+        num_samples=6,
+        batch_size=4,
+        reference=images,
+        inception_path=standin,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    scores = evaluator(model.eval())
+    assert scores["fid"] == pytest.approx(rows[-1]["fid"], rel=1e-6)
+    assert scores["kid"] == pytest.approx(rows[-1]["kid"], rel=1e-5, abs=1e-9)
+
+
+def test_evaluation_does_not_disturb_exact_resume(images, standin, tmp_path):
+    flags = eval_flags(standin, tmp_path / "cache")
+    train(images, tmp_path / "straight", max_steps=4, **flags)
+    train(images, tmp_path / "first", max_steps=2, **flags)
+    train(images, tmp_path / "first", max_steps=4, resume_checkpoint=str(tmp_path / "first"), **flags)
+    assert checkpoint_digests(tmp_path / "straight", 4) == checkpoint_digests(tmp_path / "first", 4)
+
+
+def test_missing_inception_weights_stop_before_training(images, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluation, "CLEANFID_INCEPTION_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(evaluation, "fid_helper_model_file", lambda: None)
+
+    def refuse_download(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(evaluation, "check_download_inception", refuse_download)
+    with pytest.raises(SystemExit) as exit_info:
+        train(images, tmp_path / "run", max_steps=2, eval_interval=1)
+    assert "inception" in str(exit_info.value).lower()
+    assert not os.path.exists(tmp_path / "run" / "model000001.pt")
