@@ -1,0 +1,86 @@
+"""Tests of datasets/prepare.py: raw images -> N x N PNGs with the loader's centre crop."""
+
+import importlib.util
+import os
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from guided_diffusion.image_datasets import center_crop_arr, decode_image, load_data
+
+PREPARE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets", "prepare.py")
+_spec = importlib.util.spec_from_file_location("prepare", PREPARE_PATH)
+prepare = importlib.util.module_from_spec(_spec)
+sys.modules["prepare"] = prepare   # so worker processes can find the functions they are sent
+_spec.loader.exec_module(prepare)
+
+
+@pytest.fixture
+def raw_folder(tmp_path):
+    """Raw images of assorted sizes, formats and modes, nested, plus one corrupt file and one non-image."""
+    root = tmp_path / "raw"
+    (root / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (70, 50, 3), dtype=np.uint8)).save(root / "cat_1.png")
+    Image.fromarray(rng.integers(0, 256, (40, 90, 3), dtype=np.uint8)).save(root / "cat_2.jpg", quality=95)
+    Image.fromarray(rng.integers(0, 256, (33, 33), dtype=np.uint8)).save(root / "sub" / "dog_1.png")
+    Image.fromarray(rng.integers(0, 256, (64, 48, 4), dtype=np.uint8)).save(root / "sub" / "dog_2.PNG")
+    (root / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (root / "readme.txt").write_text("ignored")
+    return root
+
+
+def test_folder_to_folder_uses_the_loader_crop(raw_folder, tmp_path, capsys):
+    dest = tmp_path / "out"
+    written, skipped = prepare.main(["--source", str(raw_folder), "--dest", str(dest), "--size", "16",
+                                     "--workers", "0"])
+    assert written == 4
+    assert list(skipped) == [str(raw_folder / "sub" / "broken.jpg")]
+    assert "broken.jpg" in capsys.readouterr().err
+    outputs = sorted(os.path.relpath(os.path.join(d, f), dest) for d, _, files in os.walk(dest) for f in files)
+    assert outputs == ["cat_1.png", "cat_2.png", "sub/dog_1.png", "sub/dog_2.png"]
+    for raw_name, out_name in [("cat_2.jpg", "cat_2.png"), ("sub/dog_2.PNG", "sub/dog_2.png")]:
+        expected = center_crop_arr(decode_image((raw_folder / raw_name).read_bytes()), 16)
+        with Image.open(dest / out_name) as out:
+            assert out.mode == "RGB" and out.size == (16, 16)
+            np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+def test_zip_output_matches_folder_output_and_trains_like_raw(raw_folder, tmp_path):
+    prepare.prepare_dataset(str(raw_folder), str(tmp_path / "out"), 16, workers=0)
+    zipped = tmp_path / "raw.zip"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        for d, _, files in os.walk(raw_folder):
+            for f in files:
+                archive.write(os.path.join(d, f), os.path.relpath(os.path.join(d, f), raw_folder))
+    written, _ = prepare.prepare_dataset(str(zipped), str(tmp_path / "out.zip"), 16, workers=2)
+    assert written == 4
+    with zipfile.ZipFile(tmp_path / "out.zip") as archive:
+        assert archive.namelist() == ["cat_1.png", "cat_2.png", "sub/dog_1.png", "sub/dog_2.png"]
+        for member in archive.namelist():
+            assert archive.read(member) == (tmp_path / "out" / member).read_bytes()
+
+    # Re-cropping an S x S image at S is the identity, so the prepared set feeds training the same pixels.
+    kwargs = dict(batch_size=4, image_size=16, deterministic=True, random_flip=False, num_workers=0, rank=0,
+                  world_size=1)
+    with pytest.warns(RuntimeWarning, match="broken.jpg"):
+        x_raw, _ = next(load_data(data_dir=str(raw_folder), **kwargs))
+    x_prepared, _ = next(load_data(data_dir=str(tmp_path / "out.zip"), **kwargs))
+    assert torch.equal(x_raw, x_prepared)
+
+
+def test_existing_dest_and_name_collisions_are_errors(raw_folder, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x.png").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="taken"):
+        prepare.prepare_dataset(str(raw_folder), str(taken), 16, workers=0)
+    Image.new("RGB", (8, 8)).save(raw_folder / "cat_1.jpg")
+    with pytest.raises(ValueError, match="would both become 'cat_1.png'"):
+        prepare.prepare_dataset(str(raw_folder), str(tmp_path / "new"), 16, workers=0)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        prepare.prepare_dataset(str(tmp_path / "nowhere"), str(tmp_path / "new"), 16, workers=0)
