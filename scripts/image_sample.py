@@ -15,27 +15,19 @@ Output goes to --sample_dir, by default a folder beside the checkpoint named aft
 layout, the quantiser and the seeding are described in guided_diffusion/sampling.py.
 """
 
-import argparse
-import hashlib
 import os
 import pickle
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util  # noqa: E402
-from guided_diffusion.checkpoint import CONFIG_FILE, is_training_state  # noqa: E402
-from guided_diffusion.sampling import SamplingArgumentError, SamplingOptions, sample_to_folder  # noqa: E402
-from guided_diffusion.script_util import (  # noqa: E402
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    read_config_file,
+from guided_diffusion.model_loading import (  # noqa: E402
+    checkpoint_parser,
+    load_model_and_diffusion,
+    parse_checkpoint_args,
 )
-from guided_diffusion.unet import load_state_dict_checked  # noqa: E402
+from guided_diffusion.sampling import SamplingArgumentError, SamplingOptions, sample_to_folder  # noqa: E402
 
 
 def sample_defaults():
@@ -52,49 +44,9 @@ def sample_defaults():
     )
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--config",
-        default="",
-        help=f"YAML whose model/diffusion flags are used (default: {CONFIG_FILE} beside the "
-        "checkpoint, if present); command-line flags override it",
-    )
-    add_dict_to_argparser(parser, {**sample_defaults(), **model_and_diffusion_defaults()})
-    return parser
-
-
-def config_path_for(config, model_path):
-    """The config to use: --config, else config.yaml beside the checkpoint if it exists, else None."""
-    if config:
-        if not os.path.isfile(config):
-            raise FileNotFoundError(f"--config {config!r} does not exist")
-        return config
-    beside = os.path.join(os.path.dirname(model_path), CONFIG_FILE)
-    return beside if model_path and os.path.isfile(beside) else None
-
-
-def config_as_flags(path):
-    """The model and diffusion flags of a YAML config, as command-line tokens (argparse then types them)."""
-    values = read_config_file(path)
-    tokens = []
-    for key in model_and_diffusion_defaults():
-        if key in values:
-            value = values[key]
-            if isinstance(value, (list, tuple)):
-                value = ",".join(str(v) for v in value)
-            tokens += [f"--{key}", str(value)]
-    return tokens
-
-
 def parse_args(argv=None):
-    """Defaults -> model/diffusion flags of the config -> command-line flags (argparse keeps the last value)."""
-    parser = build_parser()
-    given = parser.parse_args(argv)
-    config = config_path_for(given.config, given.model_path)
-    if config is None:
-        return given, None
-    return parser.parse_args(config_as_flags(config) + list(argv if argv is not None else sys.argv[1:])), config
+    """(args, config path or None): defaults -> model/diffusion flags of the config -> command-line flags."""
+    return parse_checkpoint_args(checkpoint_parser(__doc__, sample_defaults()), argv)
 
 
 def default_sample_dir(args):
@@ -120,36 +72,6 @@ def default_sample_dir(args):
     if args.use_fp16:
         parts.append("use_fp16")
     return os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "_".join(parts))
-
-
-def state_dict_fingerprint(state_dict):
-    """SHA-256 over keys, dtypes, shapes and bytes: names the weights whatever file or format held them."""
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        tensor = state_dict[key].detach().cpu().contiguous()
-        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def load_model_and_diffusion(args):
-    """Build the U-Net and the respaced diffusion from the flags and load the checkpoint into the U-Net."""
-    if "://" not in args.model_path and not os.path.isfile(args.model_path):
-        raise FileNotFoundError(f"--model_path {args.model_path!r} does not exist")
-    model_flags = args_to_dict(args, model_and_diffusion_defaults())
-    model, diffusion = create_model_and_diffusion(**model_flags)
-    state_dict = dist_util.load_state_dict(args.model_path)
-    if is_training_state(state_dict):
-        raise ValueError(
-            f"--model_path {args.model_path!r} is a training-state file; sample from the weights saved beside it: "
-            f"ema_<rate>_{state_dict['step']:06d}.pt (the paper's results use EMA weights) or "
-            f"model{state_dict['step']:06d}.pt"
-        )
-    load_state_dict_checked(model, state_dict, args.model_path)
-    if args.use_fp16:
-        model.convert_to_fp16()
-    identity = {"checkpoint_sha256": state_dict_fingerprint(state_dict), **model_flags}
-    return model.to(dist_util.dev()).eval(), diffusion, identity
 
 
 def main(argv=None):

@@ -23,12 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion.gaussian_diffusion import SNR_STAGE_BOUNDS  # noqa: E402
+from guided_diffusion.plotting import save_figure, shade_stages  # noqa: E402
 from guided_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
 from guided_diffusion.weighting import p2_lambda, weight_summary  # noqa: E402
-
-STAGE_COLOURS = {"coarse": "#dde8f5", "content": "#f7e3c8", "cleanup": "#e4e4e4"}
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,14 +60,6 @@ def compute_tables(schedules, gammas, p2_k, steps):
     return tables
 
 
-def shade_stages(ax):
-    """Shade the coarse / content / clean-up SNR ranges on an axis whose x is SNR."""
-    low, high = SNR_STAGE_BOUNDS
-    ax.axvspan(1e-30, low, color=STAGE_COLOURS["coarse"], zorder=0, label="coarse")
-    ax.axvspan(low, high, color=STAGE_COLOURS["content"], zorder=0, label="content")
-    ax.axvspan(high, 1e30, color=STAGE_COLOURS["cleanup"], zorder=0, label="clean-up")
-
-
 def gamma_label(gamma):
     return "baseline (γ=0)" if gamma == 0 else f"P2 γ={gamma:g}"
 
@@ -89,7 +78,7 @@ def plot_fig3(tables, path):
         ax.set_xlim(entry["snr"].min(), entry["snr"].max())
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -109,7 +98,7 @@ def plot_fig_a(tables, path):
         for ax in row:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
