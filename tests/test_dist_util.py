@@ -11,7 +11,6 @@ import torch
 
 from guided_diffusion import dist_util
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist_scripts"))
 from train_fixtures import clean_env, has_mpiexec, launcher_command  # noqa: E402
 
 DIST_CHECK = os.path.join(os.path.dirname(__file__), "dist_scripts", "dist_check.py")

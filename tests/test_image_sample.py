@@ -18,9 +18,8 @@ import image_sample  # noqa: E402
 from guided_diffusion.checkpoint import training_state  # noqa: E402
 from guided_diffusion.sampling import read_png  # noqa: E402
 from guided_diffusion.script_util import create_model  # noqa: E402
-from sample_tiny_model import (  # noqa: E402,F401 (one_thread: an autouse fixture, active once imported)
+from sample_tiny_model import (  # noqa: E402
     TINY_MODEL_FLAGS,
-    one_thread,
     perturb_,
     save_tiny_checkpoint,
     tiny_flags,

@@ -10,13 +10,10 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist_scripts"))
-from train_fixtures import (  # noqa: E402,F401  (images and one_thread are fixtures)
+from train_fixtures import (  # noqa: E402
     ROOT,
     checkpoint_digests,
     clean_env,
-    images,
-    one_thread,
     read_progress,
     train,
     train_argv,

@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -24,9 +23,7 @@ from guided_diffusion.sampling import (
     write_png,
 )
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist_scripts"))
-# one_thread: an autouse fixture, active once imported.
-from sample_tiny_model import one_thread, perturb_, tiny_model_and_diffusion  # noqa: E402,F401
+from sample_tiny_model import perturb_, tiny_model_and_diffusion  # noqa: E402
 
 IDENTITY = {"checkpoint_sha256": "test"}
 

@@ -1,22 +1,18 @@
 """FID/KID during training (issue 7; paper Fig. 4): logged at eval steps from the EMA weights, resume-safe."""
 
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist_scripts"))
 
 from guided_diffusion import evaluation  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 from guided_diffusion.train_eval import TrainingEvaluator, sampling_options  # noqa: E402
 from helpers import save_standin_inception  # noqa: E402
-from train_fixtures import (  # noqa: E402,F401 (one_thread: an autouse fixture, active once imported)
+from train_fixtures import (  # noqa: E402
     TINY_TRAIN_FLAGS,
     checkpoint_digests,
-    images,
-    one_thread,
     read_progress,
     train,
 )

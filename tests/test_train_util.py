@@ -4,21 +4,17 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist_scripts"))
-from train_fixtures import (  # noqa: E402,F401  (images and one_thread are fixtures)
+from train_fixtures import (  # noqa: E402
     TINY_TRAIN_FLAGS,
     checkpoint_digests,
     clean_env,
     has_mpiexec,
-    images,
     launcher_command,
-    one_thread,
     read_progress,
     train,
 )

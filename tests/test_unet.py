@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from guided_diffusion.script_util import create_model

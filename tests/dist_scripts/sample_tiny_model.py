@@ -1,7 +1,6 @@
-"""A tiny random ADM U-Net checkpoint, the image_sample flags that fit it, and a one-thread fixture (shared by the
-sampling tests; a test module enables the fixture by importing it)."""
+"""A tiny random ADM U-Net checkpoint and the image_sample flags that fit it (shared by the sampling tests and the
+scripts they launch)."""
 
-import pytest
 import torch
 
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
@@ -45,13 +44,3 @@ def save_tiny_checkpoint(path, seed=0, **overrides):
     model, _ = tiny_model_and_diffusion(**overrides)
     torch.save(perturb_(model, seed).state_dict(), path)
     return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread in this module: bit-identical results with the one-thread subprocesses of the tests, and
-    tiny models run far faster than on two threads of busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

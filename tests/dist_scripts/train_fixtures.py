@@ -10,7 +10,6 @@ import os
 import sys
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -35,21 +34,6 @@ TINY_TRAIN_FLAGS = dict(
     save_interval=2,
     num_workers=0,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: bit-identical results across the processes of a test, and no oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """A folder of 16 tiny PNGs."""
-    return make_image_folder(str(tmp_path_factory.mktemp("images")))
 
 
 def train(data_dir, log_dir, **flags):
