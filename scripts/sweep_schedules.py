@@ -1,0 +1,152 @@
+r"""Sample one checkpoint with several respacing schedules and evaluate each (paper Table 4).
+
+    python scripts/sweep_schedules.py --model_path runs/ffhq_p2/ema_0.9999_100000.pt \
+        --schedules 250 130,60,60 60,130,60 500 --num_samples 10000 --reference data/ffhq256 --out_dir sweep
+
+A schedule is a --timestep_respacing value: "250" (uniform), "130,60,60" (steps given to each third of the
+process; more near t = 0 first), "ddim50", ... Schedules are separated by spaces, their sections by commas.
+Every schedule samples with the same --seed, so sample i starts from the same x_T in each. The model and diffusion
+flags come from --config, else the config.yaml beside the checkpoint, then the command line (as in image_sample.py).
+
+Writes to --out_dir:
+  samples_<schedule>[_ddim]/   the samples of each schedule (image_sample.py's resumable folder layout)
+  sweep.md, sweep.csv, sweep.json   one row per schedule: steps, network evaluations per image (counted), FID, KID
+  sweep_fid.png                FID and KID × 10³ per schedule
+FID and KID are clean-fid's against --reference (see scripts/evaluate.py; --inception_path passes through).
+"""
+
+import copy
+import os
+import pickle
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+from guided_diffusion import dist_util, evaluation  # noqa: E402
+from guided_diffusion.plotting import save_figure  # noqa: E402
+from guided_diffusion.analysis import AnalysisError, CountingNetwork, write_csv, write_json  # noqa: E402
+from guided_diffusion.checkpoint import atomic_write  # noqa: E402
+from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args  # noqa: E402,E501
+from guided_diffusion.respace import space_timesteps  # noqa: E402
+from guided_diffusion.sampling import SamplingOptions, sample_to_folder  # noqa: E402
+
+TABLE_COLUMNS = ("schedule", "sampler", "steps", "network_evaluations_per_image", "num_samples", "fid", "kid_x1e3")
+
+
+def sweep_defaults():
+    return dict(
+        model_path="",               # checkpoint (U-Net state_dict: ema_*.pt, model*.pt)
+        out_dir="",                  # folder for the samples, table and figure (required)
+        reference="",                # reference images or statistics for FID/KID (see scripts/evaluate.py; required)
+        num_samples=10000,           # samples per schedule (paper: 10k)
+        batch_size=16,               # samples per forward pass
+        use_ddim=False,              # DDIM over each schedule's steps instead of ancestral sampling
+        ddim_eta=0.0,
+        clip_denoised=True,
+        seed=0,                      # the same for every schedule
+        precision="fp32",            # fp32, or bf16 / fp16 autocast of the network
+        metrics="fid,kid",
+        mode="clean",                # clean-fid preprocessing mode
+        inception_path="",           # clean-fid's inception-2015-12-05.pt (offline machines)
+        cache_dir=evaluation.DEFAULT_CACHE_DIR,  # reference statistics cache
+    )
+
+
+def parse_args(argv=None):
+    parser = checkpoint_parser(__doc__, sweep_defaults())
+    parser.add_argument("--schedules", nargs="+", default=["250", "130,60,60", "60,130,60", "500"],
+                        help="respacing schedules, space-separated (default: Table 4's)")
+    return parse_checkpoint_args(parser, argv)[0]
+
+
+def check_args(args):
+    for flag in ("model_path", "out_dir", "reference"):
+        if not getattr(args, flag):
+            raise AnalysisError(f"--{flag} is required")
+    for schedule in args.schedules:
+        space_timesteps(args.diffusion_steps, schedule)  # a bad schedule fails here, before any sampling
+
+
+def sample_schedule(args, schedule, network):
+    """Sample and evaluate one schedule; returns its table row (dict)."""
+    schedule_args = copy.copy(args)
+    schedule_args.timestep_respacing = schedule
+    model, diffusion, identity = load_model_and_diffusion(schedule_args)
+    counting = CountingNetwork(model)
+    options = SamplingOptions(image_size=args.image_size, class_cond=args.class_cond, use_ddim=args.use_ddim,
+                              ddim_eta=args.ddim_eta, clip_denoised=args.clip_denoised, precision=args.precision,
+                              seed=args.seed)
+    sampler = "ddim" if args.use_ddim else "ancestral"
+    folder = f"samples_{schedule.replace(',', '-')}" + ("_ddim" if args.use_ddim else "")
+    sample_dir = os.path.join(args.out_dir, folder)
+    result = sample_to_folder(counting, diffusion, options, num_samples=args.num_samples, batch_size=args.batch_size,
+                              sample_dir=sample_dir, identity=identity, device=dist_util.dev())
+    metrics = evaluation.evaluate(result.npz_path, args.reference, network, metrics=args.metrics,
+                                  cache_dir=args.cache_dir, batch_size=args.batch_size, device=str(dist_util.dev()))
+    evaluation.save_results_json(metrics, os.path.splitext(result.npz_path)[0] + "_metrics.json")
+    # Counted where this run generated samples; a folder finished earlier is only evaluated.
+    counted = counting.rows / result.num_generated if result.num_generated else None
+    return dict(schedule=schedule, sampler=sampler, steps=result.steps_per_sample,
+                network_evaluations_per_image=counted, num_samples=result.num_samples, fid=metrics["fid"],
+                kid=metrics["kid"], kid_x1e3=metrics["kid_x1e3"], samples=result.npz_path,
+                feature_network=metrics["feature_network"])
+
+
+def markdown_table(rows):
+    def cell(value):
+        if value is None:
+            return "–"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in TABLE_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    labels = [row["schedule"] for row in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, name in ((axes[0], "fid", "FID"), (axes[1], "kid_x1e3", "KID × 10³")):
+        values = [row[key] if row[key] is not None else 0.0 for row in rows]
+        bars = ax.bar(range(len(rows)), values)
+        ax.bar_label(bars, labels=[f"{v:.2f}" if row[key] is not None else "–" for v, row in zip(values, rows)],
+                     fontsize=8)
+        ax.set_xticks(range(len(rows)), labels)
+        ax.set(xlabel="respacing schedule", ylabel=name, title=f"{name} per sampling schedule")
+    fig.suptitle(f"{rows[0]['num_samples']} samples each, {rows[0]['sampler']} sampler", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def run(args):
+    check_args(args)
+    network = evaluation.load_feature_network(args.mode, args.inception_path or None, str(dist_util.dev()))
+    os.makedirs(args.out_dir, exist_ok=True)
+    rows = [sample_schedule(args, schedule, network) for schedule in args.schedules]
+    table = markdown_table(rows)
+    atomic_write(os.path.join(args.out_dir, "sweep.md"), lambda f: f.write(table.encode()))
+    write_csv(os.path.join(args.out_dir, "sweep.csv"), list(rows[0]), [list(row.values()) for row in rows])
+    write_json(os.path.join(args.out_dir, "sweep.json"), dict(model_path=os.path.abspath(args.model_path),
+                                                              reference=args.reference, seed=args.seed, rows=rows))
+    plot(rows, os.path.join(args.out_dir, "sweep_fid.png"))
+    print(table + f"wrote {args.out_dir}/sweep.md, sweep.csv, sweep.json, sweep_fid.png")
+    return rows
+
+
+def main(argv=None):
+    try:
+        return run(parse_args(argv))
+    # AnalysisError is a ValueError: bad flags, inputs, config or checkpoint end with a message, not a traceback.
+    except (ValueError, FileNotFoundError, evaluation.EvaluationError, pickle.UnpicklingError) as err:
+        sys.exit(f"sweep_schedules.py: error: {err}")
+
+
+if __name__ == "__main__":
+    main()
