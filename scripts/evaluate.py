@@ -18,7 +18,9 @@ import sys
 
 import torch
 
-from guided_diffusion import evaluation
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import evaluation  # noqa: E402
 
 
 def create_argparser():

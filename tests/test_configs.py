@@ -43,7 +43,14 @@ def _flags(config):
 def test_every_table_a_row_and_its_baseline_twin_exist():
     names = {os.path.basename(p) for p in CONFIGS}
     expected = {f"{row}_{weighting}.yaml" for row in TABLE_A for weighting in ("p2", "baseline")}
-    assert expected | {"demo.yaml"} == names
+    assert expected | {"demo.yaml", "demo_baseline.yaml"} == names
+
+
+def test_demo_baseline_twin_differs_only_in_gamma():
+    p2 = _load(os.path.join(CONFIG_DIR, "demo.yaml"))
+    baseline = _load(os.path.join(CONFIG_DIR, "demo_baseline.yaml"))
+    assert {k for k in p2 if p2[k] != baseline[k]} == {"p2_gamma"}
+    assert p2["p2_gamma"] == 1.0 and baseline["p2_gamma"] == 0.0
 
 
 @pytest.mark.parametrize("row", sorted(TABLE_A))
