@@ -586,7 +586,8 @@ class GaussianDiffusion:
     def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None):
         """The full variational bound in bits per dimension, term by term.
 
-        :return: dict with 'total_bpd' [N], 'prior_bpd' [N], and 'vb', 'xstart_mse', 'mse', each [N, T].
+        :return: dict with 'total_bpd' [N], 'prior_bpd' [N], and 'vb', 'xstart_mse', 'mse', each [N, T] with
+            column j holding timestep T-1-j (the order the loop visits them, as in ADM).
         """
         device = x_start.device
         batch_size = x_start.shape[0]
@@ -604,9 +605,9 @@ class GaussianDiffusion:
             eps = self._predict_eps_from_xstart(x_t, t_batch, out["pred_xstart"])
             mse.append(mean_flat((eps - noise) ** 2))
 
-        vb = torch.stack(vb[::-1], dim=1)
-        xstart_mse = torch.stack(xstart_mse[::-1], dim=1)
-        mse = torch.stack(mse[::-1], dim=1)
+        vb = torch.stack(vb, dim=1)
+        xstart_mse = torch.stack(xstart_mse, dim=1)
+        mse = torch.stack(mse, dim=1)
         prior_bpd = self._prior_bpd(x_start)
         return {
             "total_bpd": vb.sum(dim=1) + prior_bpd,

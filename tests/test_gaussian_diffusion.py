@@ -260,6 +260,9 @@ def test_calc_bpd_loop_shapes_and_total():
     out = diffusion.calc_bpd_loop(ZeroModel(6), x0)
     assert out["vb"].shape == (2, 40) and out["mse"].shape == (2, 40) and out["xstart_mse"].shape == (2, 40)
     assert torch.isfinite(out["total_bpd"]).all()
+    # ADM's column order: column 0 is t = T-1, whose KL is tiny for this zero model; the last column is the
+    # t = 0 decoder term, far larger.
+    assert (out["vb"][:, -1] > 10 * out["vb"][:, 0]).all()
     torch.testing.assert_close(out["total_bpd"], out["vb"].sum(dim=1) + out["prior_bpd"])
     assert (out["prior_bpd"] >= 0).all()
 
