@@ -211,6 +211,7 @@ class TrainLoop:
                     ema_param.copy_(ema_state[name])
         if resume.optimizer is not None:
             self.opt.load_state_dict(resume.optimizer)
+            match_state_layout(self.opt)
             # The flag wins over the stored learning rate, so a resume may change --lr.
             for group in self.opt.param_groups:
                 group["lr"] = self.lr
@@ -284,8 +285,11 @@ class TrainLoop:
         self.opt.zero_grad(set_to_none=True)
         batch_size = batch.shape[0]
         for start in range(0, batch_size, self.microbatch):
-            micro = batch[start : start + self.microbatch].to(self.device)
-            micro_cond = {k: v[start : start + self.microbatch].to(self.device) for k, v in cond.items()}
+            # non_blocking: a host-to-GPU copy that does not wait for the previous step's queued kernels.
+            micro = batch[start : start + self.microbatch].to(self.device, non_blocking=True)
+            micro_cond = {
+                k: v[start : start + self.microbatch].to(self.device, non_blocking=True) for k, v in cond.items()
+            }
             is_last = start + self.microbatch >= batch_size
             t, weights = self.schedule_sampler.sample(micro.shape[0], self.device)
             # DDP all-reduces on the last microbatch only; the others accumulate locally.
@@ -523,6 +527,21 @@ def _to_cpu(state_dict):
     return {k: v.detach().cpu() for k, v in state_dict.items()}
 
 
+def match_state_layout(optimizer):
+    """Give each per-parameter state tensor (exp_avg, ...) its parameter's memory layout, in place.
+
+    The fused AdamW kernel walks parameter and state as flat arrays, so state saved by a run with another
+    --channels_last setting (or by the reference) would silently be applied to the wrong elements.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def _fast_adamw(device):
-    # The fused kernel on CUDA; the multi-tensor (foreach) path elsewhere.
-    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # The fused kernel (one pass over each tensor) where PyTorch has one; the multi-tensor path elsewhere. On a CPU
+    # the foreach path is no faster than the per-parameter loop, while fused is ~3x faster (tiny32, 1 thread).
+    return {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}

@@ -32,6 +32,68 @@ def _resample_factor(dims):
     return (1, 2, 2) if dims == 3 else 2
 
 
+def upsample_conv3x3(x, conv):
+    """conv(nearest ×2 upsampling of x) for a 2-D 3×3 conv with stride 1 and padding 1, without the upsampled input.
+
+    Output pixel (2i+a, 2j+b) reads a 2×2 window of x: along each axis, phase 0 sees rows (i-1; i, i) through the
+    kernel rows (0; 1, 2), and phase 1 sees (i, i; i+1) through (0, 1; 2). Summing the taps that read the same
+    pixel gives one 2×2 kernel per phase (a, b); the four run as one conv with 4·O outputs, padded so that phase
+    (a, b) is the window starting at (a, b). That is 4/9 of the multiply-adds of the 3×3 conv over the 4× larger
+    upsampled input, for the same linear map (float sums in another order).
+
+    :param x: [N, C, H, W].
+    :param conv: an nn.Conv2d(C, O, 3, padding=1).
+    :return: [N, O, 2H, 2W].
+    """
+    n, _, height, width = x.shape
+    weight = conv.weight
+    out_channels = weight.shape[0]
+    # Kernel rows folded per row phase: [2 (a), O, C, 2, 3]; then columns per column phase: [2 (a), 2 (b), O, C, 2, 2].
+    rows = torch.stack([
+        torch.stack([weight[:, :, 0], weight[:, :, 1] + weight[:, :, 2]], dim=2),
+        torch.stack([weight[:, :, 0] + weight[:, :, 1], weight[:, :, 2]], dim=2),
+    ])
+    kernels = torch.stack([
+        torch.stack([rows[..., 0], rows[..., 1] + rows[..., 2]], dim=-1),
+        torch.stack([rows[..., 0] + rows[..., 1], rows[..., 2]], dim=-1),
+    ], dim=1)
+    bias = None if conv.bias is None else conv.bias.repeat(4)
+    phases = F.conv2d(x, kernels.reshape(4 * out_channels, weight.shape[1], 2, 2), bias, padding=1)
+    phases = phases.view(n, 2, 2, out_channels, height + 1, width + 1)
+    # Interleave: [N, O, H, 2 (a), W, 2 (b)] is [N, O, 2H, 2W] in memory.
+    out = torch.stack([
+        torch.stack([phases[:, a, b, :, a : a + height, b : b + width] for b in (0, 1)], dim=-1) for a in (0, 1)
+    ], dim=3)
+    return out.view(n, out_channels, 2 * height, 2 * width)
+
+
+class _AddUpsampled(torch.autograd.Function):
+    """h + (nearest ×2 upsampling of x): [N, C, 2H, 2W] + [N, C, H, W], without building the upsampled tensor.
+
+    The gradient of x is the sum over each 2×2 block, taken by 2×2 average pooling times 4 (exact: powers of
+    two), a kernel that is fast in both memory layouts, where autograd's broadcast reduction is slow in NHWC.
+    """
+
+    @staticmethod
+    def forward(h, x):
+        height, width = x.shape[2:]
+        pairs = h.unflatten(3, (width, 2)).unflatten(2, (height, 2))  # [N, C, H, 2, W, 2], a view
+        return (pairs + x[:, :, :, None, :, None]).flatten(4, 5).flatten(2, 3)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, F.avg_pool2d(grad, 2) * 4
+
+
+def add_upsampled(h, x):
+    """h + (nearest ×2 upsampling of x) for h [N, C, 2H, 2W] and x [N, C, H, W] (see _AddUpsampled)."""
+    return _AddUpsampled.apply(h, x)
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour ×2, then a 3×3 conv (key `conv`) if `use_conv`. [N, C, H, W] -> [N, C, 2H, 2W]."""
 
@@ -39,10 +101,14 @@ class Upsample(nn.Module):
         super().__init__()
         self.scale_factor = _resample_factor(dims)
         self.use_conv = use_conv
+        # 2-D: the upsampling is folded into the conv (upsample_conv3x3).
+        self.fold_upsample = use_conv and dims == 2
         if use_conv:
             self.conv = conv_nd(dims, channels, channels, 3, padding=1)
 
     def forward(self, x):
+        if self.fold_upsample:
+            return upsample_conv3x3(x, self.conv)
         x = F.interpolate(x, scale_factor=self.scale_factor, mode="nearest")
         return self.conv(x) if self.use_conv else x
 
@@ -95,6 +161,8 @@ class ResBlock(TimestepBlock):
             normalization(channels), nn.SiLU(), conv_nd(dims, channels, out_channels, 3, padding=1)
         )
         self.updown = up or down
+        # Up blocks of 2-D signals fold the upsampling into the first conv (upsample_conv3x3).
+        self.fold_upsample = up and dims == 2
         if up:
             self.h_upd = Upsample(channels, False, dims)
             self.x_upd = Upsample(channels, False, dims)
@@ -121,8 +189,14 @@ class ResBlock(TimestepBlock):
     def _forward(self, x, emb):
         if self.updown:
             in_norm, in_act, in_conv = self.in_layers
-            h = in_conv(self.h_upd(in_act(in_norm(x))))
-            x = self.x_upd(x)
+            h = in_act(in_norm(x))
+            if self.fold_upsample:
+                # x stays at its resolution: the skip path commutes with nearest upsampling, which the final
+                # sum applies by broadcasting (add_upsampled).
+                h = upsample_conv3x3(h, in_conv)
+            else:
+                h = in_conv(self.h_upd(h))
+                x = self.x_upd(x)
         else:
             h = self.in_layers(x)
         emb_out = self.emb_layers(emb).type(h.dtype)
@@ -133,7 +207,8 @@ class ResBlock(TimestepBlock):
             h = out_conv(out_dropout(out_act(torch.addcmul(shift, out_norm(h), 1 + scale))))
         else:
             h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+        skip = self.skip_connection(x)
+        return add_upsampled(h, skip) if self.fold_upsample else skip + h
 
 
 def qkv_attention(qkv, num_heads, new_order=False):
@@ -191,15 +266,15 @@ class AttentionBlock(nn.Module):
         return checkpoint(self._forward, (x,), self.use_checkpoint)
 
     def _forward(self, x):
-        n, c, *spatial = x.shape
-        x = x.reshape(n, c, -1)
+        spatial = x.shape[2:]
         # The kernel-1 convs are applied as linear maps over token-major features [N, T, C], which hands the
-        # attention contiguous heads; the parameters keep the reference's Conv1d shapes.
-        tokens = self.norm(x).transpose(1, 2)
+        # attention contiguous heads; the parameters keep the reference's Conv1d shapes. With channels_last
+        # inputs the token-major features are a view, in and out.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
         qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)
         h = qkv_attention(qkv, self.num_heads, self.use_new_attention_order)
         h = F.linear(h, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
-        return (x + h.transpose(1, 2)).reshape(n, c, *spatial)
+        return x + h.transpose(1, 2).unflatten(2, spatial)
 
 
 class UNetModel(nn.Module):
@@ -409,6 +484,22 @@ class UNetModel(nn.Module):
                 f"the model expects {self.dtype} blocks but holds {self.input_blocks[0][0].weight.dtype} weights; "
                 "with use_fp16, call model.convert_to_fp16() once the model is built"
             )
+
+
+def apply_speed_options(model, compile=False, channels_last=False):
+    """Make `model` run faster in place, keeping its parameters, state_dict keys and (within float rounding) outputs.
+
+    :param compile: compile the forward pass with torch.compile (Module.compile, so that state_dict keys and
+        checkpoints stay unprefixed); the first call of each input shape and autograd mode compiles.
+    :param channels_last: store the 4-D conv weights in NHWC order; convolutions then run their NHWC kernels and
+        hand NHWC activations on (inputs and outputs keep their [N, C, H, W] shape).
+    :return: `model`.
+    """
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()
+    return model
 
 
 class CheckpointMismatchError(ValueError):

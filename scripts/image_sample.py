@@ -28,6 +28,7 @@ from guided_diffusion.model_loading import (  # noqa: E402
     parse_checkpoint_args,
 )
 from guided_diffusion.sampling import SamplingArgumentError, SamplingOptions, sample_to_folder  # noqa: E402
+from guided_diffusion.unet import apply_speed_options  # noqa: E402
 
 
 def sample_defaults():
@@ -41,6 +42,8 @@ def sample_defaults():
         clip_denoised=True,          # clamp x̂₀ to [-1, 1] at every step
         seed=0,                      # sample i depends only on (seed, i), not on batch size or ranks
         precision="fp32",            # fp32, or bf16 / fp16 autocast of the network
+        compile=False,               # torch.compile the U-Net (slow first batch; see README "Performance")
+        channels_last=False,         # NHWC memory order for the convolutions (see README "Performance")
     )
 
 
@@ -102,6 +105,9 @@ def sample_with_flags(argv):
             seed=args.seed,
         )
         model, diffusion, identity = load_model_and_diffusion(args)
+        # Float rounding only: like --batch_size, these may move a rare pixel by one level, so they are not
+        # part of the folder's identity.
+        apply_speed_options(model, compile=args.compile, channels_last=args.channels_last)
     except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
         # Bad flags, config or checkpoint: a message naming them, not a traceback.
         sys.exit(f"image_sample.py: error: {e}")

@@ -35,6 +35,7 @@ from guided_diffusion.script_util import (  # noqa: E402
 )
 from guided_diffusion.train_eval import TrainingEvaluator, eval_defaults, sampling_options  # noqa: E402
 from guided_diffusion.train_util import TrainLoop, resolve_precision, seed_everything  # noqa: E402
+from guided_diffusion.unet import apply_speed_options  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yaml")
@@ -64,6 +65,8 @@ def train_defaults():
         num_workers=1,               # image decoding processes per rank
         random_flip=True,            # horizontal flips with probability 1/2
         keep_checkpoints=0,          # keep only the newest N checkpoints; 0 = keep all
+        compile=False,               # torch.compile the U-Net (slow first step; see README "Performance")
+        channels_last=False,         # NHWC memory order for the convolutions (see README "Performance")
     )
 
 
@@ -137,6 +140,7 @@ def build(args):
 
     seed_everything(args.seed)  # the same initial weights on every rank
     model, diffusion = create_model_and_diffusion(**{k: config[k] for k in model_and_diffusion_defaults()})
+    apply_speed_options(model, compile=args.compile, channels_last=args.channels_last)
     # Each rank draws its own timesteps and noise.
     seed_everything(int(np.random.SeedSequence([args.seed, rank]).generate_state(1)[0]))
     data = load_data(

@@ -1,0 +1,111 @@
+"""Time one training step and one sampling step per setting, interleaved; print a table, write JSON / markdown.
+
+    python scripts/benchmark.py --config tiny32 --settings eager,compile            # two settings of ours
+    python scripts/benchmark.py --compare eager channels_last                        # their ratio
+    python scripts/benchmark.py --config tiny32 --settings reference,eager,channels_last,compile \\
+        --reference_path ../P2-weighting --out bench.json --markdown bench.md      # the README table
+    python scripts/benchmark.py --sampling_cost                                      # network evaluations table
+
+Settings: `eager` (the default path), `reference` (the original code at --reference_path: a clone of
+jychoi118/P2-weighting or openai/guided-diffusion), or options joined by "+": compile, channels_last, bf16.
+What is timed and how memory is measured: guided_diffusion/benchmark.py.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import benchmark  # noqa: E402
+from guided_diffusion.checkpoint import atomic_write  # noqa: E402
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny32", help=f"one of {', '.join(benchmark.CONFIGS)}")
+    parser.add_argument("--settings", default="",
+                        help="comma-separated settings; default: eager (reference,eager with --reference_path)")
+    parser.add_argument("--compare", nargs=2, metavar=("SETTING_A", "SETTING_B"), default=None,
+                        help="time two settings interleaved and print B's speed-up over A")
+    parser.add_argument("--phases", default="train,sample", help="train, sample or both")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per setting (compilation happens here)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per setting")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = all cores")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="", help="cpu or cuda[:i]; default: cuda:0 if present, else cpu")
+    parser.add_argument("--reference_path", default="", help="the reference code, for the 'reference' setting")
+    parser.add_argument("--out", default="", help="write the results as JSON here")
+    parser.add_argument("--markdown", default="", help="write the README tables (markdown) here")
+    parser.add_argument("--sampling_cost", action="store_true",
+                        help="print the sampling-cost table (network evaluations per image) and exit")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def settings_from_args(args, parser):
+    if args.compare and args.settings:
+        parser.error("pass either --compare A B or --settings, not both")
+    if args.compare:
+        return list(args.compare)
+    if args.settings:
+        return [s.strip() for s in args.settings.split(",") if s.strip()]
+    return [benchmark.REFERENCE_SETTING, benchmark.EAGER_SETTING] if args.reference_path else [benchmark.EAGER_SETTING]
+
+
+def write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sampling_cost:
+        print(benchmark.format_sampling_cost())
+        return None
+    plan = benchmark.BenchmarkPlan(
+        config_name=args.config,
+        settings=settings_from_args(args, parser),
+        phases=tuple(p.strip() for p in args.phases.split(",") if p.strip()),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        threads=args.threads,
+        seed=args.seed,
+        device=args.device,
+        reference_path=args.reference_path,
+        progress=not args.no_progress,
+    )
+    try:
+        plan.check()
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    result = benchmark.run_benchmark(plan)
+    command = shlex.join(["python", "scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
+    result["meta"]["command"] = command
+    print(benchmark.format_table(result))
+    if args.compare:
+        print(format_comparison(result))
+    if args.out:
+        write_text(args.out, json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    if args.markdown:
+        write_text(args.markdown, benchmark.format_markdown(result, command) + "\n")
+        print(f"wrote {args.markdown}")
+    return result
+
+
+def format_comparison(result):
+    first, second = result["meta"]["settings"]
+    lines = []
+    for phase, ratio in result["ratios"][second].items():
+        lines.append(
+            f"{phase}: {second} is {ratio['speedup']:.3f}x as fast as {first} (median over median; per-round paired "
+            f"ratios {ratio['paired_median']:.3f}, range {ratio['paired_min']:.3f}-{ratio['paired_max']:.3f})"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

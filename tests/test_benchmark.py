@@ -1,0 +1,172 @@
+"""guided_diffusion/benchmark.py and scripts/benchmark.py: settings, statistics, reports, the reference loader and an
+end-to-end run on the tiny16 config (numbers and keys only, never timing)."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+from guided_diffusion import benchmark
+from guided_diffusion.respace import space_timesteps
+
+REFERENCE_PATH = os.environ.get("P2_REFERENCE_PATH", "")
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "benchmark.py")
+
+
+def load_script():
+    """scripts/benchmark.py as a module named apart from the library's guided_diffusion.benchmark."""
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_settings_parse_into_options():
+    assert benchmark.parse_setting("eager") == benchmark.Setting("eager")
+    assert benchmark.parse_setting("default") == benchmark.Setting("default")
+    assert benchmark.parse_setting("reference").reference
+    combined = benchmark.parse_setting("compile+channels_last+bf16")
+    assert (combined.compile, combined.channels_last, combined.precision) == (True, True, "bf16")
+    assert combined.matmul_dtype == "bf16"
+    for bad in ("fast", "compile+compile", "eager+compile"):
+        with pytest.raises(ValueError, match="not understood"):
+            benchmark.parse_setting(bad)
+
+
+def test_plan_check_names_the_bad_flag():
+    with pytest.raises(ValueError, match="--config"):
+        benchmark.BenchmarkPlan(config_name="huge").check()
+    with pytest.raises(ValueError, match="--reference_path"):
+        benchmark.BenchmarkPlan(settings=["reference", "eager"]).check()
+    with pytest.raises(FileNotFoundError, match="P2-weighting"):
+        benchmark.BenchmarkPlan(settings=["reference"], reference_path="/nonexistent").check()
+    with pytest.raises(ValueError, match="--repeats"):
+        benchmark.BenchmarkPlan(repeats=0).check()
+    with pytest.raises(ValueError, match="--phases"):
+        benchmark.BenchmarkPlan(phases=("infer",)).check()
+    with pytest.raises(ValueError, match="once"):
+        benchmark.BenchmarkPlan(settings=["eager", "eager"]).check()
+    with pytest.raises(ValueError, match="GPU"):
+        benchmark.BenchmarkPlan(config_name="p2_256", device="cpu").check()
+
+
+def test_time_statistics():
+    stats = benchmark.time_statistics([0.4, 0.1, 0.3, 0.2, 0.5], batch_size=8)
+    assert stats["median_s"] == 0.3
+    assert (stats["min_s"], stats["max_s"]) == (0.1, 0.5)
+    assert stats["q1_s"] == pytest.approx(0.2) and stats["q3_s"] == pytest.approx(0.4)
+    assert stats["images_per_s"] == pytest.approx(8 / 0.3)
+    assert stats["times_s"] == [0.4, 0.1, 0.3, 0.2, 0.5]
+
+
+def test_speed_ratios_pair_interleaved_rounds():
+    def entry(times, memory):
+        return {**benchmark.time_statistics(times, 4), "memory": {"peak_increase_mib": memory}}
+
+    result = {
+        "meta": {"settings": ["reference", "eager"]},
+        "results": {
+            "reference": {"train": entry([2.0, 4.0, 3.0], 100.0)},
+            "eager": {"train": entry([1.0, 1.0, 2.0], 50.0)},
+        },
+    }
+    ratios = benchmark.speed_ratios(result)
+    assert ratios["baseline"] == "reference"
+    train = ratios["eager"]["train"]
+    assert train["speedup"] == pytest.approx(3.0 / 1.0)
+    assert (train["paired_min"], train["paired_median"], train["paired_max"]) == pytest.approx((1.5, 2.0, 4.0))
+    assert train["memory_ratio"] == pytest.approx(0.5)
+
+
+def test_sampling_cost_counts_the_kept_timesteps():
+    rows = benchmark.sampling_cost_rows(1000)
+    assert [row["respacing"] for row in rows] == ["1000", "500", "250", "ddim50", "ddim25"]
+    for row in rows:
+        assert row["network_evaluations"] == len(space_timesteps(1000, row["respacing"]))
+        assert row["share_of_full"] == row["network_evaluations"] / 1000
+    assert [row["network_evaluations"] for row in rows] == [1000, 500, 250, 50, 25]
+    table = benchmark.format_sampling_cost()
+    assert "| `ddim25` | DDIM | 25 | 0.025 |" in table
+
+
+def test_sampling_cost_flag_prints_the_table(capsys):
+    load_script().main(["--sampling_cost"])
+    assert "| `500` | ancestral | 500 | 0.500 |" in capsys.readouterr().out
+
+
+def write_fake_reference(root):
+    """A package named guided_diffusion, as in a clone, whose modules import each other relatively."""
+    package = os.path.join(root, "guided_diffusion")
+    os.makedirs(package)
+    files = {
+        "__init__.py": "",
+        "dist_util.py": "NAME = 'fake dist_util'\n",
+        "logger.py": "from . import dist_util\nNAME = 'fake logger ' + dist_util.NAME\n",
+        "resample.py": "",
+        "script_util.py": "",
+        "train_util.py": "from . import logger\n",
+    }
+    for name, text in files.items():
+        with open(os.path.join(package, name), "w") as f:
+            f.write(text)
+
+
+def forget_reference_modules():
+    for name in [n for n in sys.modules if n.split(".")[0] == benchmark.REFERENCE_PACKAGE_NAME]:
+        del sys.modules[name]
+
+
+def test_reference_package_loads_beside_ours_under_another_name(tmp_path):
+    write_fake_reference(str(tmp_path))
+    forget_reference_modules()
+    try:
+        modules = benchmark.load_reference_package(str(tmp_path))
+        assert modules["logger"].NAME == "fake logger fake dist_util"
+        assert modules["logger"].__name__ == "reference_guided_diffusion.logger"
+        assert sys.modules["guided_diffusion.benchmark"] is benchmark  # ours untouched
+    finally:
+        forget_reference_modules()
+    assert benchmark.find_reference_package(str(tmp_path)) == os.path.join(str(tmp_path), "guided_diffusion")
+
+
+def run_script(tmp_path, *arguments):
+    out, markdown = tmp_path / "bench.json", tmp_path / "bench.md"
+    load_script().main(
+        ["--config", "tiny16", "--warmup", "1", "--repeats", "2", "--threads", "1", "--no_progress",
+         "--out", str(out), "--markdown", str(markdown), *arguments]
+    )
+    return json.loads(out.read_text()), markdown.read_text()
+
+
+def test_end_to_end_run_writes_json_and_markdown(tmp_path, capsys):
+    result, markdown = run_script(tmp_path, "--compare", "eager", "channels_last")
+    printed = capsys.readouterr().out
+    assert "channels_last is" in printed and "as fast as eager" in printed
+    meta = result["meta"]
+    assert meta["config"] == "tiny16" and meta["settings"] == ["eager", "channels_last"]
+    assert meta["batch_size"] == {"train": 4, "sample": 4} and meta["threads"] == 1
+    assert meta["command"].startswith("python scripts/benchmark.py --config tiny16")
+    assert result["matmul_peak_gflops"]["fp32"] > 0
+    flops = result["model_flops_per_image"]
+    assert 2.5 < flops["forward_backward"] / flops["forward"] < 3.5  # backward ≈ twice the forward
+    for setting in ("eager", "channels_last"):
+        for phase in ("train", "sample"):
+            entry = result["results"][setting][phase]
+            assert len(entry["times_s"]) == 2 and len(entry["warmup_s"]) == 1
+            assert entry["min_s"] <= entry["median_s"] <= entry["max_s"]
+            assert entry["images_per_s"] == pytest.approx(4 / entry["median_s"])
+            assert entry["memory"]["baseline_mib"] > 0 and entry["memory"]["peak_mib"] > 0
+            assert entry["model_gflops_per_s"] > 0 and 0 < entry["matmul_peak_fraction"]
+    assert set(result["ratios"]["channels_last"]) == {"train", "sample"}
+    assert "| eager | train |" in markdown and "| channels_last | sample |" in markdown
+    assert "Reproduce with:" in markdown and "| `ddim50` | DDIM | 50 |" in markdown
+
+
+@pytest.mark.skipif(not REFERENCE_PATH, reason="set P2_REFERENCE_PATH to a clone of jychoi118/P2-weighting")
+def test_reference_runs_interleaved_with_ours(tmp_path):
+    result, _ = run_script(tmp_path, "--settings", "reference,eager", "--reference_path", REFERENCE_PATH)
+    assert result["meta"]["settings"] == ["reference", "eager"]
+    assert result["results"]["reference"]["train"]["dropped_reference_flags"] in ([], ["p2_gamma"])
+    assert result["ratios"]["eager"]["train"]["speedup"] > 0
