@@ -15,7 +15,6 @@ clamped to [-1, 1] on the way, as it is when it is looked at.
 import csv
 import importlib.util
 import io
-import json
 import math
 import os
 import warnings
@@ -406,10 +405,6 @@ def load_perceptual_network(network="auto", network_path=None, inception_path=No
 
 # ---------------------------------------------------------------------------------------------------------------
 # Output files (atomic)
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
 
 
 def write_csv(path, header, rows):

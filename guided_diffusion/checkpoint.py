@@ -14,6 +14,7 @@ one, never a torn one. Everything is stored as tensors and primitive containers,
 reads it all.
 """
 
+import json
 import os
 import random
 import re
@@ -81,6 +82,12 @@ def _fsync_directory(directory):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_json(path, obj):
+    """Write `obj` as indented JSON (atomically), creating the parent folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
 
 
 def save_torch(obj, path):

@@ -34,7 +34,6 @@ import glob
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
 import re
@@ -52,7 +51,7 @@ from cleanfid.inception_pytorch import FID_WEIGHTS_URL
 from cleanfid.utils import EXTENSIONS, ResizeDataset
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, write_json
 
 MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
 METRICS = ("fid", "kid")
@@ -632,8 +631,7 @@ def _describe_source(source):
 
 def save_results_json(results, path):
     """Write the results dict as JSON (atomically)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda file: file.write(json.dumps(results, indent=2).encode() + b"\n"))
+    write_json(path, results)
 
 
 # ---------------------------------------------------------------------------------------------------------------

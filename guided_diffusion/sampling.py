@@ -24,6 +24,7 @@ SIGKILL, preemption) loses at most the batches in flight. `num_samples` may grow
 first samples are unchanged), never shrink. The folder must be on a filesystem every rank sees.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -114,14 +115,21 @@ def quantize_to_uint8(images):
     return ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def network_at_precision(model, precision, device):
-    """The model itself for fp32; otherwise a callable running it under autocast (the U-Net returns x's dtype)."""
+def autocast_for(precision, device_type):
+    """The context a network runs in at `precision`: nothing for fp32, torch.autocast for bf16 / fp16."""
     dtype = PRECISIONS[precision]
     if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def network_at_precision(model, precision, device):
+    """The model itself for fp32; otherwise a callable running it under autocast (the U-Net returns x's dtype)."""
+    if PRECISIONS[precision] is None:
         return model
 
     def network(x, t, **kwargs):
-        with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+        with autocast_for(precision, torch.device(device).type):
             return model(x, t, **kwargs)
 
     return network

@@ -31,7 +31,7 @@ from . import checkpoint, dist_util
 from .gaussian_diffusion import SNR_STAGE_NAMES, snr_stage
 from .logger import Logger
 from .resample import LossAwareSampler, UniformSampler
-from .sampling import PRECISIONS
+from .sampling import PRECISIONS, autocast_for
 from .train_eval import load_ema_weights
 
 INITIAL_LG_LOSS_SCALE = 20.0  # the reference's starting log2 loss scale
@@ -304,10 +304,7 @@ class TrainLoop:
                 self.grad_scaler.scale(loss).backward()
 
     def _autocast(self):
-        dtype = PRECISIONS[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast_for(self.precision, self.device.type)
 
     def optimize(self, log_now):
         """Optimizer step (skipped by the fp16 loss scale on inf/NaN gradients), then the EMA update."""

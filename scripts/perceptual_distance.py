@@ -38,8 +38,8 @@ from guided_diffusion.analysis import (  # noqa: E402
     noisy_pair_distances,
     snr_grid,
     write_csv,
-    write_json,
 )
+from guided_diffusion.checkpoint import write_json  # noqa: E402
 from guided_diffusion.evaluation import EvaluationError  # noqa: E402
 from guided_diffusion.plotting import plot_distance_curves  # noqa: E402
 

@@ -32,7 +32,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion.plotting import save_figure  # noqa: E402
-from guided_diffusion.analysis import AnalysisError, write_csv, write_json  # noqa: E402
+from guided_diffusion.checkpoint import write_json  # noqa: E402
+from guided_diffusion.analysis import AnalysisError, write_csv  # noqa: E402
 from guided_diffusion.gaussian_diffusion import SNR_STAGE_BOUNDS  # noqa: E402
 from guided_diffusion.logger import PROGRESS_FILE  # noqa: E402
 

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 from guided_diffusion import analysis, dist_util  # noqa: E402
-from guided_diffusion.checkpoint import atomic_write  # noqa: E402
+from guided_diffusion.checkpoint import atomic_write, write_json  # noqa: E402
 from guided_diffusion.evaluation import EvaluationError  # noqa: E402
 from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args  # noqa: E402,E501
 from guided_diffusion.plotting import plot_distance_curves, save_figure  # noqa: E402
@@ -110,7 +110,7 @@ def write_distances(args, images_path, sweep, target_snrs, network, distances):
             target_snrs, sweep["snr"], sweep["step"], sweep["timestep"], distances
         )
     ]
-    analysis.write_json(os.path.join(args.out_dir, "distances.json"), dict(
+    write_json(os.path.join(args.out_dir, "distances.json"), dict(
         network=network.name, network_kind=network.kind, model_path=os.path.abspath(args.model_path),
         images=images_path, num_images=len(distances[0]),
         timestep_respacing=args.timestep_respacing, sampler="ddim" if args.use_ddim else "ancestral",

@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, evaluation  # noqa: E402
 from guided_diffusion.plotting import save_figure  # noqa: E402
-from guided_diffusion.analysis import AnalysisError, CountingNetwork, write_csv, write_json  # noqa: E402
-from guided_diffusion.checkpoint import atomic_write  # noqa: E402
+from guided_diffusion.analysis import AnalysisError, CountingNetwork, write_csv  # noqa: E402
+from guided_diffusion.checkpoint import atomic_write, write_json  # noqa: E402
 from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args  # noqa: E402,E501
 from guided_diffusion.respace import space_timesteps  # noqa: E402
 from guided_diffusion.sampling import SamplingOptions, sample_to_folder  # noqa: E402
