@@ -4,14 +4,83 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch import Tensor
+
+
+def _dense_format(x):
+    """The memory format x is dense in (channels_last for NHWC 4-D tensors), as aten's group norm kernels use."""
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _spatial_size(x):
+    return x.numel() // (x.shape[0] * x.shape[1])
+
+
+# GroupNorm as one opaque operator for torch.compile. Inductor otherwise decomposes it into reductions and
+# element-wise code, which on a CPU ran several times slower than aten's kernels, worst in the backward and for
+# groups of 6 channels (tiny32 benchmark, 2 threads: a compiled training step took 945 ms against 830 ms eager,
+# 780 ms with this operator; a compiled channels_last sampling step 232 ms, 213 ms with it).
+@torch.library.custom_op("guided_diffusion::group_norm", mutates_args=())
+def group_norm_op(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """aten.native_group_norm: (normalised x [N, C, ...], mean [N, groups], 1/std [N, groups])."""
+    x = x.contiguous(memory_format=_dense_format(x))
+    return torch.ops.aten.native_group_norm(x, weight, bias, x.shape[0], x.shape[1], _spatial_size(x), groups, eps)
+
+
+@group_norm_op.register_fake
+def _(x, weight, bias, groups, eps):
+    statistics = x.new_empty(x.shape[0], groups)
+    return torch.empty_like(x, memory_format=_dense_format(x)), statistics, torch.empty_like(statistics)
+
+
+@torch.library.custom_op("guided_diffusion::group_norm_backward", mutates_args=())
+def group_norm_backward_op(
+    grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, groups: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """aten.native_group_norm_backward: gradients of x, weight and bias."""
+    memory_format = _dense_format(x)
+    x, grad = x.contiguous(memory_format=memory_format), grad.contiguous(memory_format=memory_format)
+    return torch.ops.aten.native_group_norm_backward(
+        grad, x, mean, rstd, weight, x.shape[0], x.shape[1], _spatial_size(x), groups, [True, True, True]
+    )
+
+
+@group_norm_backward_op.register_fake
+def _(grad, x, mean, rstd, weight, groups):
+    return torch.empty_like(x, memory_format=_dense_format(x)), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _group_norm_setup_context(ctx, inputs, output):
+    x, weight, _, groups, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, weight)
+    ctx.groups = groups
+
+
+def _group_norm_backward(ctx, grad, _grad_mean, _grad_rstd):
+    x, mean, rstd, weight = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = group_norm_backward_op(grad, x, mean, rstd, weight, ctx.groups)
+    return grad_x, grad_weight, grad_bias, None, None
+
+
+group_norm_op.register_autograd(_group_norm_backward, setup_context=_group_norm_setup_context)
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever the input dtype, cast back afterwards."""
+    """GroupNorm computed in fp32 whatever the input dtype, cast back afterwards; under torch.compile as one
+    opaque operator (group_norm_op), in eager mode through F.group_norm (the same aten kernels)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        x32 = x.float()
+        if torch.compiler.is_compiling():
+            out = group_norm_op(x32, self.weight, self.bias, self.num_groups, self.eps)[0]
+        else:
+            out = F.group_norm(x32, self.num_groups, self.weight, self.bias, self.eps)
+        return out.type(x.dtype)
 
 
 def conv_nd(dims, *args, **kwargs):

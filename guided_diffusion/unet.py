@@ -32,39 +32,38 @@ def _resample_factor(dims):
     return (1, 2, 2) if dims == 3 else 2
 
 
+# Smallest input side (px) at which the folded form of "nearest ×2, then 3×3 conv" is used. Measured on a CPU
+# (oneDNN, batch 16, 128 channels, forward+backward): 1.9× faster from 16 px up, even at 8 px, and 1.8× slower
+# at 4 px, where the transposed conv's fixed cost outweighs the work it saves.
+FOLD_MIN_SIDE = 16
+
+
+def _fold_taps(weight, dim):
+    """Taps (w0, w1, w2) of a 3-tap kernel along `dim` -> the 4 taps (w2, w1+w2, w0+w1, w0) of the stride-2
+    transposed kernel that equals nearest ×2 upsampling followed by the 3-tap kernel."""
+    w0, w1, w2 = weight.unbind(dim)
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim=dim)
+
+
 def upsample_conv3x3(x, conv):
     """conv(nearest ×2 upsampling of x) for a 2-D 3×3 conv with stride 1 and padding 1, without the upsampled input.
 
-    Output pixel (2i+a, 2j+b) reads a 2×2 window of x: along each axis, phase 0 sees rows (i-1; i, i) through the
-    kernel rows (0; 1, 2), and phase 1 sees (i, i; i+1) through (0, 1; 2). Summing the taps that read the same
-    pixel gives one 2×2 kernel per phase (a, b); the four run as one conv with 4·O outputs, padded so that phase
-    (a, b) is the window starting at (a, b). That is 4/9 of the multiply-adds of the 3×3 conv over the 4× larger
-    upsampled input, for the same linear map (float sums in another order).
+    Along each axis, output 2i reads x[i-1] through tap w0 and x[i] through w1 + w2; output 2i+1 reads x[i] through
+    w0 + w1 and x[i+1] through w2. That is a transposed conv with stride 2, padding 1 and the 4-tap kernel
+    (w2, w1+w2, w0+w1, w0) per axis: 16 multiply-adds per input pixel against the 36 of the 3×3 conv over the 4×
+    larger upsampled input (4/9), for the same linear map (float sums in another order).
 
     :param x: [N, C, H, W].
     :param conv: an nn.Conv2d(C, O, 3, padding=1).
     :return: [N, O, 2H, 2W].
     """
-    n, _, height, width = x.shape
-    weight = conv.weight
-    out_channels = weight.shape[0]
-    # Kernel rows folded per row phase: [2 (a), O, C, 2, 3]; then columns per column phase: [2 (a), 2 (b), O, C, 2, 2].
-    rows = torch.stack([
-        torch.stack([weight[:, :, 0], weight[:, :, 1] + weight[:, :, 2]], dim=2),
-        torch.stack([weight[:, :, 0] + weight[:, :, 1], weight[:, :, 2]], dim=2),
-    ])
-    kernels = torch.stack([
-        torch.stack([rows[..., 0], rows[..., 1] + rows[..., 2]], dim=-1),
-        torch.stack([rows[..., 0] + rows[..., 1], rows[..., 2]], dim=-1),
-    ], dim=1)
-    bias = None if conv.bias is None else conv.bias.repeat(4)
-    phases = F.conv2d(x, kernels.reshape(4 * out_channels, weight.shape[1], 2, 2), bias, padding=1)
-    phases = phases.view(n, 2, 2, out_channels, height + 1, width + 1)
-    # Interleave: [N, O, H, 2 (a), W, 2 (b)] is [N, O, 2H, 2W] in memory.
-    out = torch.stack([
-        torch.stack([phases[:, a, b, :, a : a + height, b : b + width] for b in (0, 1)], dim=-1) for a in (0, 1)
-    ], dim=3)
-    return out.view(n, out_channels, 2 * height, 2 * width)
+    kernel = _fold_taps(_fold_taps(conv.weight, dim=2), dim=3)  # [O, C, 4, 4]
+    return F.conv_transpose2d(x, kernel.transpose(0, 1), conv.bias, stride=2, padding=1)
+
+
+def fold_pays(x):
+    """Whether the folded upsample conv is the faster form for the [N, C, H, W] input x (FOLD_MIN_SIDE)."""
+    return min(x.shape[-2:]) >= FOLD_MIN_SIDE
 
 
 class _AddUpsampled(torch.autograd.Function):
@@ -107,7 +106,7 @@ class Upsample(nn.Module):
             self.conv = conv_nd(dims, channels, channels, 3, padding=1)
 
     def forward(self, x):
-        if self.fold_upsample:
+        if self.fold_upsample and fold_pays(x):
             return upsample_conv3x3(x, self.conv)
         x = F.interpolate(x, scale_factor=self.scale_factor, mode="nearest")
         return self.conv(x) if self.use_conv else x
@@ -187,10 +186,12 @@ class ResBlock(TimestepBlock):
         return checkpoint(self._forward, (x, emb), self.use_checkpoint)
 
     def _forward(self, x, emb):
+        upsample_skip = False
         if self.updown:
             in_norm, in_act, in_conv = self.in_layers
             h = in_act(in_norm(x))
-            if self.fold_upsample:
+            upsample_skip = self.fold_upsample and fold_pays(h)
+            if upsample_skip:
                 # x stays at its resolution: the skip path commutes with nearest upsampling, which the final
                 # sum applies by broadcasting (add_upsampled).
                 h = upsample_conv3x3(h, in_conv)
@@ -208,7 +209,7 @@ class ResBlock(TimestepBlock):
         else:
             h = self.out_layers(h + emb_out)
         skip = self.skip_connection(x)
-        return add_upsampled(h, skip) if self.fold_upsample else skip + h
+        return add_upsampled(h, skip) if upsample_skip else skip + h
 
 
 def qkv_attention(qkv, num_heads, new_order=False):

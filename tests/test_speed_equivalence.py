@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from guided_diffusion import unet
+from guided_diffusion.nn import group_norm_op
 from guided_diffusion.sampling import SamplingOptions, generate_batch, quantize_to_uint8
 from guided_diffusion.train_util import _fast_adamw, match_state_layout
-from guided_diffusion.unet import ResBlock, add_upsampled, apply_speed_options, upsample_conv3x3
+from guided_diffusion.unet import ResBlock, add_upsampled, apply_speed_options, fold_pays, upsample_conv3x3
 
 from sample_tiny_model import perturb_, save_tiny_checkpoint, tiny_flags, tiny_model_and_diffusion  # noqa: E402
 from train_fixtures import train, train_argv  # noqa: E402
@@ -93,8 +95,9 @@ def test_broadcast_add_of_the_upsampled_skip_equals_the_materialised_sum(channel
 
 
 @pytest.mark.parametrize("out_channels", [32, 64])
-def test_up_resblock_equals_its_unfolded_form(out_channels):
+def test_up_resblock_equals_its_unfolded_form(out_channels, monkeypatch):
     # The unfolded form is the reference's: upsample h and x, 3x3 conv, ..., skip(x_up) + h.
+    monkeypatch.setattr(unet, "FOLD_MIN_SIDE", 4)
     block = perturb_(ResBlock(32, 16, 0.0, out_channels=out_channels, use_scale_shift_norm=True, up=True))
     unfolded = copy.deepcopy(block)
     unfolded.fold_upsample = False
@@ -110,6 +113,12 @@ def test_up_resblock_equals_its_unfolded_form(out_channels):
     scale = max(g.abs().max().item() for g in results[0][1])
     for got, want in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * scale)
+
+
+def test_the_fold_is_used_from_its_minimum_side_up():
+    side = unet.FOLD_MIN_SIDE
+    assert fold_pays(torch.empty(1, 1, side, side)) and fold_pays(torch.empty(1, 1, side, 2 * side))
+    assert not fold_pays(torch.empty(1, 1, side - 1, 2 * side))
 
 
 def test_channels_last_gives_the_plain_loss_and_gradients(plain):
@@ -259,3 +268,22 @@ def test_image_train_channels_last_resumes_without_it(images, tmp_path):
             state = resumed.opt.state[param][key]
             assert state.stride() == param.stride()
             assert torch.equal(state, fast.opt.state[saved_param][key])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opaque_group_norm_operator_equals_group_norm(channels_last):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 5, 6, generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(8, generator=generator), torch.randn(8, generator=generator)
+    args = (x, weight, bias, 4, 1e-5)
+    torch.library.opcheck(group_norm_op, args)  # schema, fake (shape) function, autograd registration
+    inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    expected_inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = group_norm_op(*inputs, 4, 1e-5)[0]
+    expected = F.group_norm(expected_inputs[0], 4, expected_inputs[1], expected_inputs[2], 1e-5)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    grad = torch.randn(expected.shape, generator=generator)
+    for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, expected_inputs, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
