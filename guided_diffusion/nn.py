@@ -70,6 +70,77 @@ def _group_norm_backward(ctx, grad, _grad_mean, _grad_rstd):
 group_norm_op.register_autograd(_group_norm_backward, setup_context=_group_norm_setup_context)
 
 
+def _per_channel(values, ndim):
+    """[N, C] -> [N, C, 1, ...] broadcasting over the spatial dimensions of an ndim-D activation."""
+    return values.view(*values.shape, *([1] * (ndim - 2)))
+
+
+def _norm_coefficients(weight, bias, mean, rstd):
+    """Per-(sample, channel) a, b [N, C] with GN(x) = a·x + b, from the group statistics mean, rstd [N, groups]."""
+    n, groups = mean.shape
+    a = (rstd.unsqueeze(-1) * weight.view(groups, -1)).view(n, -1)
+    return a, bias - (mean.unsqueeze(-1) * a.view(n, groups, -1)).view(n, -1)
+
+
+def _pre_activation(x32, norm_a, norm_b, scale, shift):
+    """GN(x)·(1 + scale) + shift (or GN(x)) from GN's coefficients (_norm_coefficients), in one pass over x."""
+    if scale is not None:
+        norm_a, norm_b = norm_a * (1 + scale), torch.addcmul(shift, norm_b, 1 + scale)
+    return torch.addcmul(_per_channel(norm_b, x32.ndim), x32, _per_channel(norm_a, x32.ndim))
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    """SiLU(GN(x)·(1 + scale) + shift) in fp32 that keeps only x (and [N, C]-sized values) for the backward pass.
+
+    Done step by step, autograd keeps three activations per call (x for the norm, GN(x) for the scale gradient,
+    the SiLU input); here the backward pass recomputes the SiLU input from x in one pass (a·x + b per channel)
+    and takes the scale gradient from sums over x, so the two other activations are freed after the forward.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, scale, shift, groups, eps):
+        normalized, mean, rstd = group_norm_op(x.float(), weight, bias, groups, eps)
+        if scale is not None:
+            normalized = torch.addcmul(_per_channel(shift, x.ndim), normalized, _per_channel(1 + scale, x.ndim))
+        return F.silu(normalized, inplace=True).to(x.dtype), mean, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, scale, shift, _, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        x32 = x.float()
+        norm_a, norm_b = _norm_coefficients(weight, bias, mean, rstd)
+        grad_pre = torch.ops.aten.silu_backward(grad_out.float(), _pre_activation(x32, norm_a, norm_b, scale, shift))
+        grad_scale = grad_shift = None
+        grad_norm = grad_pre
+        if scale is not None:
+            spatial = tuple(range(2, x.ndim))
+            sum_grad = grad_pre.sum(spatial)
+            # sum(grad_pre · GN(x)) per (sample, channel), with GN(x) = norm_a·x + norm_b.
+            grad_scale = (norm_a * (grad_pre * x32).sum(spatial) + norm_b * sum_grad).to(scale.dtype)
+            grad_shift = sum_grad.to(shift.dtype)
+            grad_norm = grad_pre * _per_channel(1 + scale, x.ndim)
+        grad_x, grad_weight, grad_bias = group_norm_backward_op(grad_norm, x32, mean, rstd, weight, mean.shape[1])
+        return grad_x.to(x.dtype), grad_weight, grad_bias, grad_scale, grad_shift, None, None
+
+
+def group_norm_silu(x, norm, scale=None, shift=None):
+    """SiLU(norm(x)·(1 + scale) + shift), or SiLU(norm(x)) without scale and shift, keeping less for backward.
+
+    :param x: [N, C, ...] activation (any float dtype; computed in fp32, returned in x's dtype).
+    :param norm: the GroupNorm32 layer whose weight, bias, groups and eps apply.
+    :param scale, shift: [N, C] AdaGN modulation from the timestep embedding, or None.
+    :return: [N, C, ...] in x's dtype.
+    """
+    return _GroupNormSiLU.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps)[0]
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 whatever the input dtype, cast back afterwards; under torch.compile as one
     opaque operator (group_norm_op), in eager mode through F.group_norm (the same aten kernels)."""

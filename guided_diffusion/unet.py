@@ -11,7 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
-from .nn import avg_pool_nd, checkpoint, conv_nd, linear, normalization, timestep_embedding, zero_module
+from .nn import (
+    avg_pool_nd, checkpoint, conv_nd, group_norm_silu, linear, normalization, timestep_embedding, zero_module
+)
 
 
 class TimestepBlock(nn.Module):
@@ -186,10 +188,10 @@ class ResBlock(TimestepBlock):
         return checkpoint(self._forward, (x, emb), self.use_checkpoint)
 
     def _forward(self, x, emb):
+        in_norm, _, in_conv = self.in_layers
+        h = group_norm_silu(x, in_norm)
         upsample_skip = False
         if self.updown:
-            in_norm, in_act, in_conv = self.in_layers
-            h = in_act(in_norm(x))
             upsample_skip = self.fold_upsample and fold_pays(h)
             if upsample_skip:
                 # x stays at its resolution: the skip path commutes with nearest upsampling, which the final
@@ -199,15 +201,15 @@ class ResBlock(TimestepBlock):
                 h = in_conv(self.h_upd(h))
                 x = self.x_upd(x)
         else:
-            h = self.in_layers(x)
+            h = in_conv(h)
         emb_out = self.emb_layers(emb).type(h.dtype)
-        emb_out = emb_out.view(*emb_out.shape, *([1] * (h.ndim - 2)))
+        out_norm, _, out_dropout, out_conv = self.out_layers
         if self.use_scale_shift_norm:
-            out_norm, out_act, out_dropout, out_conv = self.out_layers
             scale, shift = emb_out.chunk(2, dim=1)
-            h = out_conv(out_dropout(out_act(torch.addcmul(shift, out_norm(h), 1 + scale))))
+            h = group_norm_silu(h, out_norm, scale, shift)
         else:
-            h = self.out_layers(h + emb_out)
+            h = group_norm_silu(h + emb_out.view(*emb_out.shape, *([1] * (h.ndim - 2))), out_norm)
+        h = out_conv(out_dropout(h))
         skip = self.skip_connection(x)
         return add_upsampled(h, skip) if upsample_skip else skip + h
 
@@ -456,7 +458,8 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.out(h.type(x.dtype))
+            out_norm, _, out_conv = self.out
+            return out_conv(group_norm_silu(h.type(x.dtype), out_norm))
 
     def _check_inputs(self, x, timesteps, y):
         # Shape and dtype checks only: nothing here waits for the device.

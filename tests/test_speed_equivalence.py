@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from guided_diffusion import unet
-from guided_diffusion.nn import group_norm_op
+from guided_diffusion.nn import group_norm_op, group_norm_silu, normalization
 from guided_diffusion.sampling import SamplingOptions, generate_batch, quantize_to_uint8
 from guided_diffusion.train_util import _fast_adamw, match_state_layout
 from guided_diffusion.unet import ResBlock, add_upsampled, apply_speed_options, fold_pays, upsample_conv3x3
@@ -287,3 +287,58 @@ def test_opaque_group_norm_operator_equals_group_norm(channels_last):
     grad = torch.randn(expected.shape, generator=generator)
     for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, expected_inputs, grad)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _stepwise_group_norm_silu(x, norm, scale, shift):
+    h = norm(x)
+    if scale is not None:
+        h = h * (1 + scale[..., None, None]) + shift[..., None, None]
+    return F.silu(h)
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_group_norm_silu_equals_the_stepwise_layers(modulated, channels_last):
+    generator = torch.Generator().manual_seed(4)
+    norm = normalization(64)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(64, generator=generator))
+        norm.bias.copy_(0.3 * torch.randn(64, generator=generator))
+    # An offset mean makes the one-pass form a·x + b face cancellation, as real activations can.
+    x = 3 + torch.randn(2, 64, 5, 6, generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    scale, shift = (torch.randn(2, 64, generator=generator, requires_grad=True) if modulated else None for _ in "ab")
+    inputs = [t for t in (x, norm.weight, norm.bias, scale, shift) if t is not None]
+    grad = torch.randn(2, 64, 5, 6, generator=generator)
+    fused = group_norm_silu(x, norm, scale, shift)
+    expected = _stepwise_group_norm_silu(x, norm, scale, shift)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(fused, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_group_norm_silu_keeps_only_its_input_for_backward():
+    norm = normalization(32)
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    scale, shift = torch.randn(2, 32, requires_grad=True), torch.randn(2, 32, requires_grad=True)
+    for function, expected_activations in ((group_norm_silu, 1), (_stepwise_group_norm_silu, 3)):
+        saved = {}  # storage address -> elements
+
+        def pack(tensor):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.numel()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            function(x, norm, scale, shift)
+        assert sum(1 for numel in saved.values() if numel == x.numel()) == expected_activations
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_group_norm_silu_runs_in_float32_for_low_precision_inputs(dtype):
+    norm = normalization(32)
+    x = torch.randn(2, 32, 4, 4)
+    out = group_norm_silu(x.to(dtype), norm)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), F.silu(norm(x.to(dtype).float())), rtol=1e-2, atol=1e-2)
