@@ -117,11 +117,11 @@ class Setting:
 
 
 def parse_setting(name):
-    """'eager' (or 'default'), 'reference', or '+'-joined options such as 'compile+channels_last'."""
+    """'eager' (the plain NCHW path), 'reference', or '+'-joined options such as 'compile+channels_last'."""
     name = name.strip()
     if name == REFERENCE_SETTING:
         return Setting(name, reference=True)
-    if name in (EAGER_SETTING, "default"):
+    if name == EAGER_SETTING:
         return Setting(name)
     options = name.split("+")
     unknown = [o for o in options if o not in SETTING_OPTIONS]
@@ -442,6 +442,24 @@ class PeakMemory:
         )
 
 
+def saved_for_backward_bytes(function, parameters):
+    """Bytes of the distinct tensor storages autograd keeps for backward while `function()` runs, parameters
+    excluded: the activation memory of a training step, exact and independent of the allocator (unlike peak RSS).
+    """
+    parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function()
+    return sum(saved.values())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Worker processes
 
@@ -486,7 +504,12 @@ def _worker_main(connection, request):
                 memory.end_warmup()
                 connection.send({"ok": True})
             else:
-                connection.send({"memory": memory.summary()})
+                summary = memory.summary()
+                # One more, untimed step under saved-tensor hooks (compiled graphs would recompile under them).
+                if request.phase == "train" and not parse_setting(request.setting_name).compile:
+                    saved = saved_for_backward_bytes(step, step.loop.model.parameters())
+                    summary["saved_for_backward_mib"] = saved / _MIB
+                connection.send({"memory": summary})
                 return
     except BaseException:
         connection.send({"error": traceback.format_exc()})
@@ -810,7 +833,7 @@ def speed_ratios(result):
 
 
 TABLE_COLUMNS = ("setting", "step", "batch", "median ms", "min–max ms", "images/s", "speed-up", "paired speed-ups",
-                 "peak memory +MiB", "model GFLOP/s", "of matmul peak")
+                 "peak memory +MiB", "saved for backward MiB", "model GFLOP/s", "of matmul peak")
 
 
 def _table_rows(result):
@@ -823,6 +846,7 @@ def _table_rows(result):
                 continue
             ratio = ratios.get(name, {}).get(phase)
             fraction = entry["matmul_peak_fraction"]
+            saved = entry["memory"].get("saved_for_backward_mib")
             yield [
                 name,
                 phase,
@@ -833,6 +857,7 @@ def _table_rows(result):
                 f"{ratio['speedup']:.2f}×" if ratio else "1.00×",
                 f"{ratio['paired_min']:.2f}–{ratio['paired_max']:.2f}" if ratio else "",
                 f"{entry['memory']['peak_increase_mib']:.0f}",
+                f"{saved:.0f}" if saved is not None else "-",
                 f"{entry['model_gflops_per_s']:.1f}",
                 f"{100 * fraction:.1f}% ({entry['matmul_peak_dtype']})" if fraction is not None else "-",
             ]
@@ -855,7 +880,9 @@ def _summary(result):
         f"Model FLOPs per image (nominal): {flops['forward'] / 1e9:.2f} GFLOP forward, "
         f"{flops['forward_backward'] / 1e9:.2f} GFLOP forward+backward. Measured matmul peak: "
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["matmul_peak_gflops"].items())
-        + f". Memory: {memory_method}, as the increase over the level after imports and model build.",
+        + f". Memory: {memory_method}, as the increase over the level after imports and model build; saved for "
+        "backward: the tensors autograd keeps during one training step, parameters excluded (not measured for "
+        "compiled settings).",
         f"Speed-up: median of {result['ratios']['baseline']} / median; paired: range of the per-round ratios of "
         "interleaved steps.",
     ]

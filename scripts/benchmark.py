@@ -6,8 +6,9 @@
         --reference_path ../P2-weighting --out bench.json --markdown bench.md      # the README table
     python scripts/benchmark.py --sampling_cost                                      # network evaluations table
 
-Settings: `eager` (the default path), `reference` (the original code at --reference_path: a clone of
-jychoi118/P2-weighting or openai/guided-diffusion), or options joined by "+": compile, channels_last, bf16.
+Settings: `eager` (this code base in the plain NCHW layout; what image_train.py runs on a CPU by default is
+`channels_last`), `reference` (the original code at --reference_path: a clone of jychoi118/P2-weighting or
+openai/guided-diffusion), or options joined by "+": compile, channels_last, bf16.
 What is timed and how memory is measured: guided_diffusion/benchmark.py.
 """
 

@@ -28,6 +28,7 @@ from guided_diffusion.model_loading import (  # noqa: E402
     parse_checkpoint_args,
 )
 from guided_diffusion.sampling import SamplingArgumentError, SamplingOptions, sample_to_folder  # noqa: E402
+from guided_diffusion.script_util import resolve_channels_last  # noqa: E402
 from guided_diffusion.unet import apply_speed_options  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def sample_defaults():
         seed=0,                      # sample i depends only on (seed, i), not on batch size or ranks
         precision="fp32",            # fp32, or bf16 / fp16 autocast of the network
         compile=False,               # torch.compile the U-Net (slow first batch; see README "Performance")
-        channels_last=False,         # NHWC memory order for the convolutions (see README "Performance")
+        channels_last="auto",        # NHWC convolutions: auto (on a CPU), true or false (README "Performance")
     )
 
 
@@ -107,7 +108,8 @@ def sample_with_flags(argv):
         model, diffusion, identity = load_model_and_diffusion(args)
         # Float rounding only: like --batch_size, these may move a rare pixel by one level, so they are not
         # part of the folder's identity.
-        apply_speed_options(model, compile=args.compile, channels_last=args.channels_last)
+        channels_last = resolve_channels_last(args.channels_last, dist_util.dev())
+        apply_speed_options(model, compile=args.compile, channels_last=channels_last)
     except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
         # Bad flags, config or checkpoint: a message naming them, not a traceback.
         sys.exit(f"image_sample.py: error: {e}")

@@ -32,6 +32,7 @@ from guided_diffusion.script_util import (  # noqa: E402
     diffusion_defaults,
     model_and_diffusion_defaults,
     parse_args_with_config,
+    resolve_channels_last,
 )
 from guided_diffusion.train_eval import TrainingEvaluator, eval_defaults, sampling_options  # noqa: E402
 from guided_diffusion.train_util import TrainLoop, resolve_precision, seed_everything  # noqa: E402
@@ -66,7 +67,7 @@ def train_defaults():
         random_flip=True,            # horizontal flips with probability 1/2
         keep_checkpoints=0,          # keep only the newest N checkpoints; 0 = keep all
         compile=False,               # torch.compile the U-Net (slow first step; see README "Performance")
-        channels_last=False,         # NHWC memory order for the convolutions (see README "Performance")
+        channels_last="auto",        # NHWC convolutions: auto (on a CPU), true or false (README "Performance")
     )
 
 
@@ -140,7 +141,8 @@ def build(args):
 
     seed_everything(args.seed)  # the same initial weights on every rank
     model, diffusion = create_model_and_diffusion(**{k: config[k] for k in model_and_diffusion_defaults()})
-    apply_speed_options(model, compile=args.compile, channels_last=args.channels_last)
+    channels_last = resolve_channels_last(args.channels_last, dist_util.dev())
+    apply_speed_options(model, compile=args.compile, channels_last=channels_last)
     # Each rank draws its own timesteps and noise.
     seed_everything(int(np.random.SeedSequence([args.seed, rank]).generate_state(1)[0]))
     data = load_data(

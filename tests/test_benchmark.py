@@ -7,6 +7,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from guided_diffusion import benchmark
 from guided_diffusion.respace import space_timesteps
@@ -25,12 +26,11 @@ def load_script():
 
 def test_settings_parse_into_options():
     assert benchmark.parse_setting("eager") == benchmark.Setting("eager")
-    assert benchmark.parse_setting("default") == benchmark.Setting("default")
     assert benchmark.parse_setting("reference").reference
     combined = benchmark.parse_setting("compile+channels_last+bf16")
     assert (combined.compile, combined.channels_last, combined.precision) == (True, True, "bf16")
     assert combined.matmul_dtype == "bf16"
-    for bad in ("fast", "compile+compile", "eager+compile"):
+    for bad in ("fast", "default", "compile+compile", "eager+compile"):
         with pytest.raises(ValueError, match="not understood"):
             benchmark.parse_setting(bad)
 
@@ -78,6 +78,17 @@ def test_speed_ratios_pair_interleaved_rounds():
     assert train["speedup"] == pytest.approx(3.0 / 1.0)
     assert (train["paired_min"], train["paired_median"], train["paired_max"]) == pytest.approx((1.5, 2.0, 4.0))
     assert train["memory_ratio"] == pytest.approx(0.5)
+
+
+def test_saved_for_backward_counts_distinct_activation_storages_without_parameters():
+    weight = torch.nn.Parameter(torch.randn(100))
+    x = torch.randn(50, requires_grad=True)
+
+    def step():
+        # sin keeps the parameter (excluded); x * x keeps x twice (one storage); exp keeps its 50-float output.
+        (weight.sin().sum() + (x * x).sum() + x.exp().sum()).backward()
+
+    assert benchmark.saved_for_backward_bytes(step, [weight]) == 2 * 50 * 4
 
 
 def test_sampling_cost_counts_the_kept_timesteps():
@@ -159,6 +170,10 @@ def test_end_to_end_run_writes_json_and_markdown(tmp_path, capsys):
             assert entry["images_per_s"] == pytest.approx(4 / entry["median_s"])
             assert entry["memory"]["baseline_mib"] > 0 and entry["memory"]["peak_mib"] > 0
             assert entry["model_gflops_per_s"] > 0 and 0 < entry["matmul_peak_fraction"]
+        # The same model keeps the same activations in either memory layout.
+        assert result["results"][setting]["train"]["memory"]["saved_for_backward_mib"] == pytest.approx(
+            result["results"]["eager"]["train"]["memory"]["saved_for_backward_mib"]
+        )
     assert set(result["ratios"]["channels_last"]) == {"train", "sample"}
     assert "| eager | train |" in markdown and "| channels_last | sample |" in markdown
     assert "Reproduce with:" in markdown and "| `ddim50` | DDIM | 50 |" in markdown

@@ -257,7 +257,8 @@ def test_image_train_channels_last_resumes_without_it(images, tmp_path):
     fast = train(images, tmp_path / "run", max_steps=2, channels_last=True)
     assert fast.model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     args = image_train.parse_args(
-        train_argv(images, str(tmp_path / "run"), max_steps=4, resume_checkpoint=str(tmp_path / "run"))
+        train_argv(images, str(tmp_path / "run"), max_steps=4, resume_checkpoint=str(tmp_path / "run"),
+                   channels_last=False)
     )
     resumed, data, _ = image_train.build(args)
     data.close()
