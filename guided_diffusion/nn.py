@@ -20,15 +20,29 @@ def _spatial_size(x):
     return x.numel() // (x.shape[0] * x.shape[1])
 
 
+def _aten_group_norm(x, weight, bias, groups, eps):
+    """aten.native_group_norm: (normalised x [N, C, ...], mean [N, groups], 1/std [N, groups])."""
+    x = x.contiguous(memory_format=_dense_format(x))
+    return torch.native_group_norm(x, weight, bias, x.shape[0], x.shape[1], _spatial_size(x), groups, eps)
+
+
+def _aten_group_norm_backward(grad, x, mean, rstd, weight, groups):
+    """aten.native_group_norm_backward: gradients of x, weight and bias."""
+    memory_format = _dense_format(x)
+    x, grad = x.contiguous(memory_format=memory_format), grad.contiguous(memory_format=memory_format)
+    return torch.ops.aten.native_group_norm_backward(
+        grad, x, mean, rstd, weight, x.shape[0], x.shape[1], _spatial_size(x), groups, [True, True, True]
+    )
+
+
 # GroupNorm as one opaque operator for torch.compile. Inductor otherwise decomposes it into reductions and
 # element-wise code, which on a CPU ran several times slower than aten's kernels, worst in the backward and for
 # groups of 6 channels (tiny32 benchmark, 2 threads: a compiled training step took 945 ms against 830 ms eager,
 # 780 ms with this operator; a compiled channels_last sampling step 232 ms, 213 ms with it).
 @torch.library.custom_op("guided_diffusion::group_norm", mutates_args=())
 def group_norm_op(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """aten.native_group_norm: (normalised x [N, C, ...], mean [N, groups], 1/std [N, groups])."""
-    x = x.contiguous(memory_format=_dense_format(x))
-    return torch.ops.aten.native_group_norm(x, weight, bias, x.shape[0], x.shape[1], _spatial_size(x), groups, eps)
+    """_aten_group_norm as one operator."""
+    return _aten_group_norm(x, weight, bias, groups, eps)
 
 
 @group_norm_op.register_fake
@@ -41,12 +55,8 @@ def _(x, weight, bias, groups, eps):
 def group_norm_backward_op(
     grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, groups: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """aten.native_group_norm_backward: gradients of x, weight and bias."""
-    memory_format = _dense_format(x)
-    x, grad = x.contiguous(memory_format=memory_format), grad.contiguous(memory_format=memory_format)
-    return torch.ops.aten.native_group_norm_backward(
-        grad, x, mean, rstd, weight, x.shape[0], x.shape[1], _spatial_size(x), groups, [True, True, True]
-    )
+    """_aten_group_norm_backward as one operator."""
+    return _aten_group_norm_backward(grad, x, mean, rstd, weight, groups)
 
 
 @group_norm_backward_op.register_fake
@@ -89,6 +99,25 @@ def _pre_activation(x32, norm_a, norm_b, scale, shift):
     return torch.addcmul(_per_channel(norm_b, x32.ndim), x32, _per_channel(norm_a, x32.ndim))
 
 
+def _native_group_norm(x, weight, bias, groups, eps):
+    """(GN(x), mean, rstd) by aten's kernel: called directly in eager mode, through group_norm_op when compiling."""
+    return (group_norm_op if torch.compiler.is_compiling() else _aten_group_norm)(x, weight, bias, groups, eps)
+
+
+def _native_group_norm_backward(grad, x, mean, rstd, weight):
+    """Gradients of x, weight, bias of GN, by aten's kernel (through group_norm_backward_op when compiling)."""
+    backward = group_norm_backward_op if torch.compiler.is_compiling() else _aten_group_norm_backward
+    return backward(grad, x, mean, rstd, weight, mean.shape[1])
+
+
+def _group_norm_silu_forward(x, weight, bias, scale, shift, groups, eps):
+    """(SiLU(GN(x)·(1 + scale) + shift) in x's dtype, mean, rstd), computed in fp32 step by step."""
+    normalized, mean, rstd = _native_group_norm(x.float(), weight, bias, groups, eps)
+    if scale is not None:
+        normalized = torch.addcmul(_per_channel(shift, x.ndim), normalized, _per_channel(1 + scale, x.ndim))
+    return F.silu(normalized, inplace=True).to(x.dtype), mean, rstd
+
+
 class _GroupNormSiLU(torch.autograd.Function):
     """SiLU(GN(x)·(1 + scale) + shift) in fp32 that keeps only x (and [N, C]-sized values) for the backward pass.
 
@@ -97,12 +126,7 @@ class _GroupNormSiLU(torch.autograd.Function):
     and takes the scale gradient from sums over x, so the two other activations are freed after the forward.
     """
 
-    @staticmethod
-    def forward(x, weight, bias, scale, shift, groups, eps):
-        normalized, mean, rstd = group_norm_op(x.float(), weight, bias, groups, eps)
-        if scale is not None:
-            normalized = torch.addcmul(_per_channel(shift, x.ndim), normalized, _per_channel(1 + scale, x.ndim))
-        return F.silu(normalized, inplace=True).to(x.dtype), mean, rstd
+    forward = staticmethod(_group_norm_silu_forward)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -126,7 +150,7 @@ class _GroupNormSiLU(torch.autograd.Function):
             grad_scale = (norm_a * (grad_pre * x32).sum(spatial) + norm_b * sum_grad).to(scale.dtype)
             grad_shift = sum_grad.to(shift.dtype)
             grad_norm = grad_pre * _per_channel(1 + scale, x.ndim)
-        grad_x, grad_weight, grad_bias = group_norm_backward_op(grad_norm, x32, mean, rstd, weight, mean.shape[1])
+        grad_x, grad_weight, grad_bias = _native_group_norm_backward(grad_norm, x32, mean, rstd, weight)
         return grad_x.to(x.dtype), grad_weight, grad_bias, grad_scale, grad_shift, None, None
 
 
@@ -138,7 +162,10 @@ def group_norm_silu(x, norm, scale=None, shift=None):
     :param scale, shift: [N, C] AdaGN modulation from the timestep embedding, or None.
     :return: [N, C, ...] in x's dtype.
     """
-    return _GroupNormSiLU.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps)[0]
+    inputs = (x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps)
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+        return _GroupNormSiLU.apply(*inputs)[0]
+    return _group_norm_silu_forward(*inputs)[0]  # nothing to differentiate: no autograd bookkeeping
 
 
 class GroupNorm32(nn.GroupNorm):
