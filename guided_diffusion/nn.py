@@ -169,16 +169,11 @@ def group_norm_silu(x, norm, scale=None, shift=None):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever the input dtype, cast back afterwards; under torch.compile as one
-    opaque operator (group_norm_op), in eager mode through F.group_norm (the same aten kernels)."""
+    """GroupNorm computed in fp32 whatever the input dtype, cast back afterwards; aten's kernel, as one opaque
+    operator under torch.compile (group_norm_op)."""
 
     def forward(self, x):
-        x32 = x.float()
-        if torch.compiler.is_compiling():
-            out = group_norm_op(x32, self.weight, self.bias, self.num_groups, self.eps)[0]
-        else:
-            out = F.group_norm(x32, self.num_groups, self.weight, self.bias, self.eps)
-        return out.type(x.dtype)
+        return _native_group_norm(x.float(), self.weight, self.bias, self.num_groups, self.eps)[0].type(x.dtype)
 
 
 def conv_nd(dims, *args, **kwargs):
