@@ -80,7 +80,7 @@ def _group_norm_backward(ctx, grad, _grad_mean, _grad_rstd):
 group_norm_op.register_autograd(_group_norm_backward, setup_context=_group_norm_setup_context)
 
 
-def _per_channel(values, ndim):
+def per_channel(values, ndim):
     """[N, C] -> [N, C, 1, ...] broadcasting over the spatial dimensions of an ndim-D activation."""
     return values.view(*values.shape, *([1] * (ndim - 2)))
 
@@ -96,7 +96,7 @@ def _pre_activation(x32, norm_a, norm_b, scale, shift):
     """GN(x)·(1 + scale) + shift (or GN(x)) from GN's coefficients (_norm_coefficients), in one pass over x."""
     if scale is not None:
         norm_a, norm_b = norm_a * (1 + scale), torch.addcmul(shift, norm_b, 1 + scale)
-    return torch.addcmul(_per_channel(norm_b, x32.ndim), x32, _per_channel(norm_a, x32.ndim))
+    return torch.addcmul(per_channel(norm_b, x32.ndim), x32, per_channel(norm_a, x32.ndim))
 
 
 def _native_group_norm(x, weight, bias, groups, eps):
@@ -114,7 +114,7 @@ def _group_norm_silu_forward(x, weight, bias, scale, shift, groups, eps):
     """(SiLU(GN(x)·(1 + scale) + shift) in x's dtype, mean, rstd), computed in fp32 step by step."""
     normalized, mean, rstd = _native_group_norm(x.float(), weight, bias, groups, eps)
     if scale is not None:
-        normalized = torch.addcmul(_per_channel(shift, x.ndim), normalized, _per_channel(1 + scale, x.ndim))
+        normalized = torch.addcmul(per_channel(shift, x.ndim), normalized, per_channel(1 + scale, x.ndim))
     return F.silu(normalized, inplace=True).to(x.dtype), mean, rstd
 
 
@@ -149,7 +149,7 @@ class _GroupNormSiLU(torch.autograd.Function):
             # sum(grad_pre · GN(x)) per (sample, channel), with GN(x) = norm_a·x + norm_b.
             grad_scale = (norm_a * (grad_pre * x32).sum(spatial) + norm_b * sum_grad).to(scale.dtype)
             grad_shift = sum_grad.to(shift.dtype)
-            grad_norm = grad_pre * _per_channel(1 + scale, x.ndim)
+            grad_norm = grad_pre * per_channel(1 + scale, x.ndim)
         grad_x, grad_weight, grad_bias = _native_group_norm_backward(grad_norm, x32, mean, rstd, weight)
         return grad_x.to(x.dtype), grad_weight, grad_bias, grad_scale, grad_shift, None, None
 

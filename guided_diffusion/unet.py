@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
-    avg_pool_nd, checkpoint, conv_nd, group_norm_silu, linear, normalization, timestep_embedding, zero_module
+    avg_pool_nd, checkpoint, conv_nd, group_norm_silu, linear, normalization, per_channel, timestep_embedding,
+    zero_module,
 )
 
 
@@ -208,7 +209,7 @@ class ResBlock(TimestepBlock):
             scale, shift = emb_out.chunk(2, dim=1)
             h = group_norm_silu(h, out_norm, scale, shift)
         else:
-            h = group_norm_silu(h + emb_out.view(*emb_out.shape, *([1] * (h.ndim - 2))), out_norm)
+            h = group_norm_silu(h + per_channel(emb_out, h.ndim), out_norm)
         h = out_conv(out_dropout(h))
         skip = self.skip_connection(x)
         return add_upsampled(h, skip) if upsample_skip else skip + h
