@@ -1,7 +1,6 @@
-"""guided_diffusion/benchmark.py and scripts/benchmark.py: settings, statistics, reports, the reference loader and an
-end-to-end run on the tiny16 config (numbers and keys only, never timing)."""
+"""benchmarks/ (the developer tool run as `python -m benchmarks`): settings, statistics, reports, the reference
+loader and an end-to-end run on the tiny16 config (numbers and keys only, never timing)."""
 
-import importlib.util
 import json
 import os
 import sys
@@ -9,51 +8,43 @@ import sys
 import pytest
 import torch
 
-from guided_diffusion import benchmark
+import benchmarks.__main__ as cli
+from benchmarks import probes, reference, report, run, settings, timing
 from guided_diffusion.respace import space_timesteps
 
 REFERENCE_PATH = os.environ.get("P2_REFERENCE_PATH", "")
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "benchmark.py")
-
-
-def load_script():
-    """scripts/benchmark.py as a module named apart from the library's guided_diffusion.benchmark."""
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_settings_parse_into_options():
-    assert benchmark.parse_setting("eager") == benchmark.Setting("eager")
-    assert benchmark.parse_setting("reference").reference
-    combined = benchmark.parse_setting("compile+channels_last+bf16")
+    assert settings.parse_setting("eager") == settings.Setting("eager")
+    assert settings.parse_setting("reference").reference
+    combined = settings.parse_setting("compile+channels_last+bf16")
     assert (combined.compile, combined.channels_last, combined.precision) == (True, True, "bf16")
     assert combined.matmul_dtype == "bf16"
     for bad in ("fast", "default", "compile+compile", "eager+compile"):
         with pytest.raises(ValueError, match="not understood"):
-            benchmark.parse_setting(bad)
+            settings.parse_setting(bad)
 
 
 def test_plan_check_names_the_bad_flag():
     with pytest.raises(ValueError, match="--config"):
-        benchmark.BenchmarkPlan(config_name="huge").check()
+        run.BenchmarkPlan(config_name="huge").check()
     with pytest.raises(ValueError, match="--reference_path"):
-        benchmark.BenchmarkPlan(settings=["reference", "eager"]).check()
+        run.BenchmarkPlan(settings=["reference", "eager"]).check()
     with pytest.raises(FileNotFoundError, match="P2-weighting"):
-        benchmark.BenchmarkPlan(settings=["reference"], reference_path="/nonexistent").check()
+        run.BenchmarkPlan(settings=["reference"], reference_path="/nonexistent").check()
     with pytest.raises(ValueError, match="--repeats"):
-        benchmark.BenchmarkPlan(repeats=0).check()
+        run.BenchmarkPlan(repeats=0).check()
     with pytest.raises(ValueError, match="--phases"):
-        benchmark.BenchmarkPlan(phases=("infer",)).check()
+        run.BenchmarkPlan(phases=("infer",)).check()
     with pytest.raises(ValueError, match="once"):
-        benchmark.BenchmarkPlan(settings=["eager", "eager"]).check()
+        run.BenchmarkPlan(settings=["eager", "eager"]).check()
     with pytest.raises(ValueError, match="GPU"):
-        benchmark.BenchmarkPlan(config_name="p2_256", device="cpu").check()
+        run.BenchmarkPlan(config_name="p2_256", device="cpu").check()
 
 
 def test_time_statistics():
-    stats = benchmark.time_statistics([0.4, 0.1, 0.3, 0.2, 0.5], batch_size=8)
+    stats = timing.time_statistics([0.4, 0.1, 0.3, 0.2, 0.5], batch_size=8)
     assert stats["median_s"] == 0.3
     assert (stats["min_s"], stats["max_s"]) == (0.1, 0.5)
     assert stats["q1_s"] == pytest.approx(0.2) and stats["q3_s"] == pytest.approx(0.4)
@@ -63,7 +54,7 @@ def test_time_statistics():
 
 def test_speed_ratios_pair_interleaved_rounds():
     def entry(times, memory):
-        return {**benchmark.time_statistics(times, 4), "memory": {"peak_increase_mib": memory}}
+        return {**timing.time_statistics(times, 4), "memory": {"peak_increase_mib": memory}}
 
     result = {
         "meta": {"settings": ["reference", "eager"]},
@@ -72,7 +63,7 @@ def test_speed_ratios_pair_interleaved_rounds():
             "eager": {"train": entry([1.0, 1.0, 2.0], 50.0)},
         },
     }
-    ratios = benchmark.speed_ratios(result)
+    ratios = timing.speed_ratios(result)
     assert ratios["baseline"] == "reference"
     train = ratios["eager"]["train"]
     assert train["speedup"] == pytest.approx(3.0 / 1.0)
@@ -88,22 +79,22 @@ def test_saved_for_backward_counts_distinct_activation_storages_without_paramete
         # sin keeps the parameter (excluded); x * x keeps x twice (one storage); exp keeps its 50-float output.
         (weight.sin().sum() + (x * x).sum() + x.exp().sum()).backward()
 
-    assert benchmark.saved_for_backward_bytes(step, [weight]) == 2 * 50 * 4
+    assert probes.saved_for_backward_bytes(step, [weight]) == 2 * 50 * 4
 
 
 def test_sampling_cost_counts_the_kept_timesteps():
-    rows = benchmark.sampling_cost_rows(1000)
+    rows = report.sampling_cost_rows(1000)
     assert [row["respacing"] for row in rows] == ["1000", "500", "250", "ddim50", "ddim25"]
     for row in rows:
         assert row["network_evaluations"] == len(space_timesteps(1000, row["respacing"]))
         assert row["share_of_full"] == row["network_evaluations"] / 1000
     assert [row["network_evaluations"] for row in rows] == [1000, 500, 250, 50, 25]
-    table = benchmark.format_sampling_cost()
+    table = report.format_sampling_cost()
     assert "| `ddim25` | DDIM | 25 | 0.025 |" in table
 
 
 def test_sampling_cost_flag_prints_the_table(capsys):
-    load_script().main(["--sampling_cost"])
+    cli.main(["--sampling_cost"])
     assert "| `500` | ancestral | 500 | 0.500 |" in capsys.readouterr().out
 
 
@@ -125,26 +116,28 @@ def write_fake_reference(root):
 
 
 def forget_reference_modules():
-    for name in [n for n in sys.modules if n.split(".")[0] == benchmark.REFERENCE_PACKAGE_NAME]:
+    for name in [n for n in sys.modules if n.split(".")[0] == reference.REFERENCE_PACKAGE_NAME]:
         del sys.modules[name]
 
 
 def test_reference_package_loads_beside_ours_under_another_name(tmp_path):
+    import guided_diffusion.logger as our_logger
+
     write_fake_reference(str(tmp_path))
     forget_reference_modules()
     try:
-        modules = benchmark.load_reference_package(str(tmp_path))
+        modules = reference.load_reference_package(str(tmp_path))
         assert modules["logger"].NAME == "fake logger fake dist_util"
         assert modules["logger"].__name__ == "reference_guided_diffusion.logger"
-        assert sys.modules["guided_diffusion.benchmark"] is benchmark  # ours untouched
+        assert sys.modules["guided_diffusion.logger"] is our_logger  # ours untouched
     finally:
         forget_reference_modules()
-    assert benchmark.find_reference_package(str(tmp_path)) == os.path.join(str(tmp_path), "guided_diffusion")
+    assert reference.find_reference_package(str(tmp_path)) == os.path.join(str(tmp_path), "guided_diffusion")
 
 
 def run_script(tmp_path, *arguments):
     out, markdown = tmp_path / "bench.json", tmp_path / "bench.md"
-    load_script().main(
+    cli.main(
         ["--config", "tiny16", "--warmup", "1", "--repeats", "2", "--threads", "1", "--no_progress",
          "--out", str(out), "--markdown", str(markdown), *arguments]
     )
@@ -158,7 +151,7 @@ def test_end_to_end_run_writes_json_and_markdown(tmp_path, capsys):
     meta = result["meta"]
     assert meta["config"] == "tiny16" and meta["settings"] == ["eager", "channels_last"]
     assert meta["batch_size"] == {"train": 4, "sample": 4} and meta["threads"] == 1
-    assert meta["command"].startswith("python scripts/benchmark.py --config tiny16")
+    assert meta["command"].startswith("python -m benchmarks --config tiny16")
     assert result["matmul_peak_gflops"]["fp32"] > 0
     flops = result["model_flops_per_image"]
     assert 2.5 < flops["forward_backward"] / flops["forward"] < 3.5  # backward ≈ twice the forward

@@ -1,32 +1,35 @@
 """Time one training step and one sampling step per setting, interleaved; print a table, write JSON / markdown.
 
-    python scripts/benchmark.py --config tiny32 --settings eager,compile            # two settings of ours
-    python scripts/benchmark.py --compare eager channels_last                        # their ratio
-    python scripts/benchmark.py --config tiny32 --settings reference,eager,channels_last,compile \\
+Run from the repository root (the `benchmarks` folder beside `guided_diffusion` is not installed with it):
+
+    python -m benchmarks --config tiny32 --settings eager,compile            # two settings of ours
+    python -m benchmarks --compare eager channels_last                        # their ratio
+    python -m benchmarks --config tiny32 --settings reference,eager,channels_last,compile \\
         --reference_path ../P2-weighting --out bench.json --markdown bench.md      # the README table
-    python scripts/benchmark.py --sampling_cost                                      # network evaluations table
+    python -m benchmarks --sampling_cost                                      # network evaluations table
 
 Settings: `eager` (this code base in the plain NCHW layout; what image_train.py runs on a CPU by default is
 `channels_last`), `reference` (the original code at --reference_path: a clone of jychoi118/P2-weighting or
 openai/guided-diffusion), or options joined by "+": compile, channels_last, bf16.
-What is timed and how memory is measured: guided_diffusion/benchmark.py.
+What is timed: benchmarks/__init__.py; how memory is measured: benchmarks/probes.py.
 """
 
 import argparse
-import json
-import os
 import shlex
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .report import format_comparison, format_markdown, format_sampling_cost, format_table, write_json, write_text
+from .run import BenchmarkPlan, run_benchmark
+from .settings import CONFIGS, EAGER_SETTING, REFERENCE_SETTING
 
-from guided_diffusion import benchmark  # noqa: E402
-from guided_diffusion.checkpoint import atomic_write  # noqa: E402
+COMMAND = ("python", "-m", "benchmarks")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny32", help=f"one of {', '.join(benchmark.CONFIGS)}")
+    parser = argparse.ArgumentParser(
+        prog=" ".join(COMMAND), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="tiny32", help=f"one of {', '.join(CONFIGS)}")
     parser.add_argument("--settings", default="",
                         help="comma-separated settings; default: eager (reference,eager with --reference_path)")
     parser.add_argument("--compare", nargs=2, metavar=("SETTING_A", "SETTING_B"), default=None,
@@ -53,20 +56,17 @@ def settings_from_args(args, parser):
         return list(args.compare)
     if args.settings:
         return [s.strip() for s in args.settings.split(",") if s.strip()]
-    return [benchmark.REFERENCE_SETTING, benchmark.EAGER_SETTING] if args.reference_path else [benchmark.EAGER_SETTING]
-
-
-def write_text(path, text):
-    atomic_write(path, lambda f: f.write(text.encode()))
+    return [REFERENCE_SETTING, EAGER_SETTING] if args.reference_path else [EAGER_SETTING]
 
 
 def main(argv=None):
+    """Parse `argv` (default: the command line), run the plan, print and write the reports; the result dict."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.sampling_cost:
-        print(benchmark.format_sampling_cost())
+        print(format_sampling_cost())
         return None
-    plan = benchmark.BenchmarkPlan(
+    plan = BenchmarkPlan(
         config_name=args.config,
         settings=settings_from_args(args, parser),
         phases=tuple(p.strip() for p in args.phases.split(",") if p.strip()),
@@ -82,30 +82,19 @@ def main(argv=None):
         plan.check()
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    result = benchmark.run_benchmark(plan)
-    command = shlex.join(["python", "scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
+    result = run_benchmark(plan)
+    command = shlex.join([*COMMAND, *(sys.argv[1:] if argv is None else argv)])
     result["meta"]["command"] = command
-    print(benchmark.format_table(result))
+    print(format_table(result))
     if args.compare:
         print(format_comparison(result))
     if args.out:
-        write_text(args.out, json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
         print(f"wrote {args.out}")
     if args.markdown:
-        write_text(args.markdown, benchmark.format_markdown(result, command) + "\n")
+        write_text(args.markdown, format_markdown(result, command) + "\n")
         print(f"wrote {args.markdown}")
     return result
-
-
-def format_comparison(result):
-    first, second = result["meta"]["settings"]
-    lines = []
-    for phase, ratio in result["ratios"][second].items():
-        lines.append(
-            f"{phase}: {second} is {ratio['speedup']:.3f}x as fast as {first} (median over median; per-round paired "
-            f"ratios {ratio['paired_median']:.3f}, range {ratio['paired_min']:.3f}-{ratio['paired_max']:.3f})"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
