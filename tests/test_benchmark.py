@@ -1,8 +1,10 @@
 """benchmarks/ (the developer tool run as `python -m benchmarks`): settings, statistics, reports, the reference
-loader and an end-to-end run on the tiny16 config (numbers and keys only, never timing)."""
+loader and end-to-end runs on the tiny16 config (numbers and keys only, never timing)."""
 
 import json
 import os
+import statistics
+import subprocess
 import sys
 
 import pytest
@@ -13,6 +15,7 @@ from benchmarks import probes, reference, report, run, settings, timing
 from guided_diffusion.respace import space_timesteps
 
 REFERENCE_PATH = os.environ.get("P2_REFERENCE_PATH", "")
+REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_settings_parse_into_options():
@@ -98,6 +101,15 @@ def test_sampling_cost_flag_prints_the_table(capsys):
     assert "| `500` | ancestral | 500 | 0.500 |" in capsys.readouterr().out
 
 
+def test_module_entry_point_runs_from_the_repository_root():
+    """The README's command, `python -m benchmarks`, finds the package with no path set up by hand."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--sampling_cost"], cwd=REPOSITORY_ROOT, capture_output=True, text=True
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "| `ddim50` | DDIM | 50 | 0.050 |" in completed.stdout
+
+
 def write_fake_reference(root):
     """A package named guided_diffusion, as in a clone, whose modules import each other relatively."""
     package = os.path.join(root, "guided_diffusion")
@@ -144,6 +156,20 @@ def run_script(tmp_path, *arguments):
     return json.loads(out.read_text()), markdown.read_text()
 
 
+def assert_ratios_follow_the_step_times(result):
+    """Every ratio of the result, recomputed from the per-step times recorded beside it."""
+    baseline, *others = result["meta"]["settings"]
+    for name in others:
+        for phase, ratio in result["ratios"][name].items():
+            base_times = result["results"][baseline][phase]["times_s"]
+            times = result["results"][name][phase]["times_s"]
+            assert ratio["speedup"] == pytest.approx(statistics.median(base_times) / statistics.median(times))
+            paired = [b / t for b, t in zip(base_times, times)]
+            assert ratio["paired_median"] == pytest.approx(statistics.median(paired))
+            assert (ratio["paired_min"], ratio["paired_max"]) == pytest.approx((min(paired), max(paired)))
+
+
+@pytest.mark.slow
 def test_end_to_end_run_writes_json_and_markdown(tmp_path, capsys):
     result, markdown = run_script(tmp_path, "--compare", "eager", "channels_last")
     printed = capsys.readouterr().out
@@ -159,22 +185,25 @@ def test_end_to_end_run_writes_json_and_markdown(tmp_path, capsys):
         for phase in ("train", "sample"):
             entry = result["results"][setting][phase]
             assert len(entry["times_s"]) == 2 and len(entry["warmup_s"]) == 1
-            assert entry["min_s"] <= entry["median_s"] <= entry["max_s"]
+            assert entry["median_s"] == pytest.approx(statistics.median(entry["times_s"]))
             assert entry["images_per_s"] == pytest.approx(4 / entry["median_s"])
             assert entry["memory"]["baseline_mib"] > 0 and entry["memory"]["peak_mib"] > 0
             assert entry["model_gflops_per_s"] > 0 and 0 < entry["matmul_peak_fraction"]
-        # The same model keeps the same activations in either memory layout.
-        assert result["results"][setting]["train"]["memory"]["saved_for_backward_mib"] == pytest.approx(
-            result["results"]["eager"]["train"]["memory"]["saved_for_backward_mib"]
-        )
+    # The same model keeps the same activations in either memory layout.
+    assert result["results"]["channels_last"]["train"]["memory"]["saved_for_backward_mib"] == pytest.approx(
+        result["results"]["eager"]["train"]["memory"]["saved_for_backward_mib"]
+    )
     assert set(result["ratios"]["channels_last"]) == {"train", "sample"}
+    assert_ratios_follow_the_step_times(result)
     assert "| eager | train |" in markdown and "| channels_last | sample |" in markdown
     assert "Reproduce with:" in markdown and "| `ddim50` | DDIM | 50 |" in markdown
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REFERENCE_PATH, reason="set P2_REFERENCE_PATH to a clone of jychoi118/P2-weighting")
 def test_reference_runs_interleaved_with_ours(tmp_path):
     result, _ = run_script(tmp_path, "--settings", "reference,eager", "--reference_path", REFERENCE_PATH)
     assert result["meta"]["settings"] == ["reference", "eager"]
     assert result["results"]["reference"]["train"]["dropped_reference_flags"] in ([], ["p2_gamma"])
-    assert result["ratios"]["eager"]["train"]["speedup"] > 0
+    assert set(result["ratios"]["eager"]) == {"train", "sample"}
+    assert_ratios_follow_the_step_times(result)
