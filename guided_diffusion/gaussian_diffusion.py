@@ -1,4 +1,5 @@
-"""Gaussian diffusion with P2 weighting (paper Eqs. (2)-(8); COMPAT §1, §2, §4).
+"""Gaussian diffusion with P2 weighting (paper Eqs. (2)-(8); docs/compatibility.md, "P2 weighting",
+"Diffusion process" and "Samplers").
 
 Keeps the ADM public API (method names, arguments and returned dicts) so that code written against
 openai/guided-diffusion or the P2 code runs unchanged. Every per-timestep quantity is computed once, in float64,
@@ -6,6 +7,7 @@ at construction and indexed by t afterwards.
 """
 
 import enum
+import functools
 import math
 
 import numpy as np
@@ -30,7 +32,10 @@ def snr_stage(snr):
 
 
 def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
-    """β_1..β_T in float64 for "linear" (Ho et al., scaled to T) or "cosine" (Nichol & Dhariwal) (COMPAT §2)."""
+    """β_1..β_T in float64 for "linear" (Ho et al., scaled to T) or "cosine" (Nichol & Dhariwal).
+
+    See docs/compatibility.md, "Diffusion process".
+    """
     if num_diffusion_timesteps < 1:
         raise ValueError(f"--diffusion_steps must be >= 1, got {num_diffusion_timesteps}")
     if schedule_name == "linear":
@@ -57,30 +62,26 @@ def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
 
 
 class ModelMeanType(enum.Enum):
-    """What the network predicts."""
+    """What the network predicts (--predict_xstart)."""
 
-    PREVIOUS_X = enum.auto()  # x_{t-1}
     START_X = enum.auto()  # x_0
     EPSILON = enum.auto()  # ε
 
 
 class ModelVarType(enum.Enum):
-    """How the reverse-process variance is chosen."""
+    """How the reverse-process variance is chosen (--learn_sigma, --sigma_small)."""
 
-    LEARNED = enum.auto()  # the network outputs log σ²
     FIXED_SMALL = enum.auto()  # σ̃²_t, the posterior variance
     FIXED_LARGE = enum.auto()  # β_t (σ̃²_1 at t = 0)
     LEARNED_RANGE = enum.auto()  # interpolation between log β_t and log σ̃²_t (IDDPM)
 
 
 class LossType(enum.Enum):
+    """The training objective (--use_kl, --rescale_learned_sigmas)."""
+
     MSE = enum.auto()  # ε (or x0) MSE, plus the VB term when the variance is learned
     RESCALED_MSE = enum.auto()  # the same with the VB term scaled by T/1000
-    KL = enum.auto()  # the variational bound alone
     RESCALED_KL = enum.auto()  # the variational bound times T
-
-    def is_vb(self):
-        return self in (LossType.KL, LossType.RESCALED_KL)
 
 
 class GaussianDiffusion:
@@ -147,28 +148,26 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
-        # Eq. (4) and Eq. (8): SNR_t and the P2 factor λ'_t/λ_t = (k + SNR_t)^-γ, float64 (COMPAT §1).
+        # Eq. (4) and Eq. (8): SNR_t and the P2 factor λ'_t/λ_t = (k + SNR_t)^-γ, float64
+        # (docs/compatibility.md, "P2 weighting").
         self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
         self.p2_weight = (self.p2_k + self.snr) ** -self.p2_gamma
 
-        # Derived tables used by the samplers, precomputed so that every lookup can be cached on the device.
+        # Derived tables used by the samplers, precomputed so that every lookup is a cached device table.
         self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self.log_betas = np.log(betas)
         # FIXED_LARGE: β_t, except the first step keeps σ̃²_1 for a better decoder likelihood.
         self.fixed_large_variance = np.append(first_variance, betas[1:])
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
-        self.xprev_coef_xprev = 1.0 / self.posterior_mean_coef1
-        self.xprev_coef_xt = self.posterior_mean_coef2 / self.posterior_mean_coef1
-        self._cached_table_ids = {id(v) for v in vars(self).values() if isinstance(v, np.ndarray)}
         self._device_tables = {}
 
     # ------------------------------------------------------------------ forward process
 
     def q_mean_variance(self, x_start, t):
         """Mean, variance and log variance of q(x_t | x_0), each broadcast to x_start's shape."""
-        mean = self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = self._extract(self.one_minus_alphas_cumprod, t, x_start.shape)
-        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        mean = self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+        variance = self._extract("one_minus_alphas_cumprod", t, x_start.shape)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.shape)
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None):
@@ -183,8 +182,8 @@ class GaussianDiffusion:
         if noise.shape != x_start.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}")
         return (
-            self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-            + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+            self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise
         )
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
@@ -192,11 +191,11 @@ class GaussianDiffusion:
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start shape {tuple(x_start.shape)} != x_t shape {tuple(x_t.shape)}")
         posterior_mean = (
-            self._extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
-            + self._extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
+            self._extract("posterior_mean_coef1", t, x_t.shape) * x_start
+            + self._extract("posterior_mean_coef2", t, x_t.shape) * x_t
         )
-        posterior_variance = self._extract(self.posterior_variance, t, x_t.shape)
-        posterior_log_variance_clipped = self._extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        posterior_variance = self._extract("posterior_variance", t, x_t.shape)
+        posterior_log_variance_clipped = self._extract("posterior_log_variance_clipped", t, x_t.shape)
         return posterior_mean, posterior_variance, posterior_log_variance_clipped
 
     # ------------------------------------------------------------------ reverse process
@@ -211,48 +210,31 @@ class GaussianDiffusion:
         :param denoised_fn: optional function applied to the x_0 prediction before clamping.
         :return: dict with 'mean', 'variance', 'log_variance', 'pred_xstart', each [N, C, H, W].
         """
-        model_kwargs = model_kwargs or {}
-        B, C = x.shape[:2]
-        model_output = model(x, self._scale_timesteps(t), **model_kwargs)
-
-        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-            if model_output.shape != (B, C * 2, *x.shape[2:]):
-                raise ValueError(
-                    f"a learned variance needs {2 * C} output channels, the model gave {tuple(model_output.shape)}; "
-                    "check --learn_sigma"
-                )
-            model_output, model_var_values = torch.split(model_output, C, dim=1)
-            if self.model_var_type == ModelVarType.LEARNED:
-                model_log_variance = model_var_values
-            else:
-                min_log = self._extract(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = self._extract(self.log_betas, t, x.shape)
-                frac = (model_var_values + 1) / 2  # v in [-1, 1] -> [0, 1]
-                model_log_variance = frac * max_log + (1 - frac) * min_log
+        model_output, model_var_values = self._split_output(
+            model(x, self._scale_timesteps(t), **(model_kwargs or {})), x
+        )
+        if model_var_values is not None:  # LEARNED_RANGE
+            min_log = self._extract("posterior_log_variance_clipped", t, x.shape)
+            max_log = self._extract("log_betas", t, x.shape)
+            frac = (model_var_values + 1) / 2  # v in [-1, 1] -> [0, 1]
+            model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
+        elif self.model_var_type == ModelVarType.FIXED_LARGE:
+            model_variance = self._extract("fixed_large_variance", t, x.shape)
+            model_log_variance = self._extract("fixed_large_log_variance", t, x.shape)
         else:
-            if self.model_var_type == ModelVarType.FIXED_LARGE:
-                variance, log_variance = self.fixed_large_variance, self.fixed_large_log_variance
-            else:
-                variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
-            model_variance = self._extract(variance, t, x.shape)
-            model_log_variance = self._extract(log_variance, t, x.shape)
+            model_variance = self._extract("posterior_variance", t, x.shape)
+            model_log_variance = self._extract("posterior_log_variance_clipped", t, x.shape)
 
-        def process_xstart(x0):
-            if denoised_fn is not None:
-                x0 = denoised_fn(x0)
-            return x0.clamp(-1, 1) if clip_denoised else x0
-
-        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-            pred_xstart = process_xstart(self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output))
-            model_mean = model_output
+        if self.model_mean_type == ModelMeanType.EPSILON:
+            pred_xstart = self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
         else:
-            if self.model_mean_type == ModelMeanType.START_X:
-                pred_xstart = process_xstart(model_output)
-            else:
-                pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output))
-            model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
-
+            pred_xstart = model_output
+        if denoised_fn is not None:
+            pred_xstart = denoised_fn(pred_xstart)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
         return {
             "mean": model_mean,
             "variance": model_variance,
@@ -260,22 +242,31 @@ class GaussianDiffusion:
             "pred_xstart": pred_xstart,
         }
 
+    def _split_output(self, model_output, x):
+        """Split a [N, 2C, ...] output into the mean part and the variance part v when the variance is learned.
+
+        :return: ([N, C, ...] mean output, [N, C, ...] v in [-1, 1] or None for a fixed variance).
+        """
+        if self.model_var_type != ModelVarType.LEARNED_RANGE:
+            return model_output, None
+        C = x.shape[1]
+        if model_output.shape != (x.shape[0], 2 * C, *x.shape[2:]):
+            raise ValueError(
+                f"a learned variance needs {2 * C} output channels, the model gave {tuple(model_output.shape)}; "
+                "check --learn_sigma"
+            )
+        return torch.split(model_output, C, dim=1)
+
     def _predict_xstart_from_eps(self, x_t, t, eps):
         return (
-            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
-        )
-
-    def _predict_xstart_from_xprev(self, x_t, t, xprev):
-        return (
-            self._extract(self.xprev_coef_xprev, t, x_t.shape) * xprev
-            - self._extract(self.xprev_coef_xt, t, x_t.shape) * x_t
+            self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
+            - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps
         )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
         return (
-            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
-        ) / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+            self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart
+        ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape)
 
     def _scale_timesteps(self, t):
         if self.rescale_timesteps:
@@ -289,7 +280,7 @@ class GaussianDiffusion:
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
         """Score-based conditioning for DDIM (Song et al.): ε -= √(1-ᾱ_t)·∇_x log p(y | x_t)."""
-        alpha_bar = self._extract(self.alphas_cumprod, t, x.shape)
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
         eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
         out = dict(p_mean_var)
@@ -300,7 +291,7 @@ class GaussianDiffusion:
     def p_sample(
         self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, noise_fn=None
     ):
-        """One ancestral step x_t -> x_{t-1} (COMPAT §4).
+        """One ancestral step x_t -> x_{t-1} (docs/compatibility.md, "Samplers").
 
         :param noise_fn: callable x -> standard normal noise shaped like x (default torch.randn_like);
             per-sample generators plug in here.
@@ -330,21 +321,11 @@ class GaussianDiffusion:
         noise_fn=None,
     ):
         """Ancestral sampling from x_T ~ N(0, I) down to x_0; returns the final [N, C, H, W] sample."""
-        final = None
-        for sample in self.p_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            noise_fn=noise_fn,
-        ):
-            final = sample
-        return final["sample"]
+        return _last_sample(
+            self.p_sample_loop_progressive(
+                model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, noise_fn
+            )
+        )
 
     def p_sample_loop_progressive(
         self,
@@ -360,36 +341,16 @@ class GaussianDiffusion:
         noise_fn=None,
     ):
         """Yield p_sample's dict at every step from t = T-1 down to 0."""
-        img = self._initial_noise(shape, noise, device, noise_fn)
-        for i in self._reverse_indices(progress):
-            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.p_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    noise_fn=noise_fn,
-                )
-            yield out
-            img = out["sample"]
+        return self._sample_loop_progressive(
+            self.p_sample, model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress,
+            noise_fn,
+        )
 
     def ddim_sample(
-        self,
-        model,
-        x,
-        t,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        eta=0.0,
-        noise_fn=None,
+        self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0, noise_fn=None
     ):
-        """One DDIM step x_t -> x_{t-1} (Song et al.; COMPAT §4). The learned variance is unused.
+        """One DDIM step x_t -> x_{t-1} (Song et al.; docs/compatibility.md, "Samplers"). The learned variance is
+        unused.
 
         :param eta: 0 for deterministic DDIM, 1 for ancestral-equivalent noise.
         :return: dict with 'sample' and 'pred_xstart'.
@@ -401,8 +362,8 @@ class GaussianDiffusion:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         # ε is recomputed from the (possibly clipped) x0 prediction.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = self._extract(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
@@ -417,10 +378,8 @@ class GaussianDiffusion:
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
-        eps = (
-            self._extract(self.sqrt_recip_alphas_cumprod, t, x.shape) * x - out["pred_xstart"]
-        ) / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x.shape)
-        alpha_bar_next = self._extract(self.alphas_cumprod_next, t, x.shape)
+        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        alpha_bar_next = self._extract("alphas_cumprod_next", t, x.shape)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
@@ -439,22 +398,11 @@ class GaussianDiffusion:
         noise_fn=None,
     ):
         """DDIM sampling from x_T down to x_0; returns the final [N, C, H, W] sample."""
-        final = None
-        for sample in self.ddim_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            eta=eta,
-            noise_fn=noise_fn,
-        ):
-            final = sample
-        return final["sample"]
+        return _last_sample(
+            self.ddim_sample_loop_progressive(
+                model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta, noise_fn
+            )
+        )
 
     def ddim_sample_loop_progressive(
         self,
@@ -471,41 +419,44 @@ class GaussianDiffusion:
         noise_fn=None,
     ):
         """Yield ddim_sample's dict at every step from t = T-1 down to 0."""
-        img = self._initial_noise(shape, noise, device, noise_fn)
-        for i in self._reverse_indices(progress):
+        return self._sample_loop_progressive(
+            functools.partial(self.ddim_sample, eta=eta), model, shape, noise, clip_denoised, denoised_fn, cond_fn,
+            model_kwargs, device, progress, noise_fn,
+        )
+
+    def _sample_loop_progressive(
+        self, step, model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, noise_fn
+    ):
+        """The loop both samplers share: x_T, then one `step` (p_sample or ddim_sample) per t = T-1 down to 0,
+        without gradients. x_T is `noise` if given, else drawn on `device` by `noise_fn` (default torch.randn).
+
+        :return: a generator of `step`'s dicts ('sample' x_{t-1} and 'pred_xstart'), one per step.
+        """
+        if noise is not None:
+            img = noise
+        elif device is None:
+            raise ValueError("pass either `noise` or `device` to the sampling loop")
+        elif noise_fn is not None:
+            img = noise_fn(torch.empty(*shape, device=device))
+        else:
+            img = torch.randn(*shape, device=device)
+        indices = range(self.num_timesteps - 1, -1, -1)
+        for i in tqdm(indices, desc="denoising", leave=False) if progress else indices:
             t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
             with torch.no_grad():
-                out = self.ddim_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    eta=eta,
-                    noise_fn=noise_fn,
+                out = step(
+                    model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+                    model_kwargs=model_kwargs, noise_fn=noise_fn,
                 )
             yield out
             img = out["sample"]
 
-    def _initial_noise(self, shape, noise, device, noise_fn):
-        if noise is not None:
-            return noise
-        if device is None:
-            raise ValueError("pass either `noise` or `device` to the sampling loop")
-        if noise_fn is not None:
-            return noise_fn(torch.empty(*shape, device=device))
-        return torch.randn(*shape, device=device)
-
-    def _reverse_indices(self, progress):
-        indices = list(range(self.num_timesteps))[::-1]
-        return tqdm(indices, desc="denoising", leave=False) if progress else indices
-
     # ------------------------------------------------------------------ losses
 
     def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
-        """The VLB term L_{t-1} in bits per dimension: KL for t > 0, decoder NLL at t = 0 (COMPAT §2).
+        """The VLB term L_{t-1} in bits per dimension: KL for t > 0, decoder NLL at t = 0.
+
+        See docs/compatibility.md, "Diffusion process".
 
         :return: dict with 'output' ([N] bits/dim) and 'pred_xstart'.
         """
@@ -521,7 +472,7 @@ class GaussianDiffusion:
         return {"output": output, "pred_xstart": out["pred_xstart"]}
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
-        """Per-sample training losses with P2 weighting (Eq. (8); COMPAT §1).
+        """Per-sample training losses with P2 weighting (Eq. (8); docs/compatibility.md, "P2 weighting").
 
         The MSE term is multiplied by (k + SNR_t)^-γ; the VB term of a learned variance is never weighted, and it
         sees the mean prediction detached so it trains only the variance channels (the hybrid loss of IDDPM).
@@ -538,22 +489,15 @@ class GaussianDiffusion:
         x_t = self.q_sample(x_start, t, noise=noise)
 
         terms = {}
-        if self.loss_type.is_vb():
+        if self.loss_type == LossType.RESCALED_KL:
             terms["vb"] = self._vb_terms_bpd(
                 model=model, x_start=x_start, x_t=x_t, t=t, clip_denoised=False, model_kwargs=model_kwargs
             )["output"]
-            terms["loss"] = terms["vb"] * (self.num_timesteps if self.loss_type == LossType.RESCALED_KL else 1)
+            terms["loss"] = terms["vb"] * self.num_timesteps
             return terms
 
-        model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
-        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-            C = x_t.shape[1]
-            if model_output.shape != (x_t.shape[0], C * 2, *x_t.shape[2:]):
-                raise ValueError(
-                    f"a learned variance needs {2 * C} output channels, the model gave {tuple(model_output.shape)}; "
-                    "check --learn_sigma"
-                )
-            model_output, model_var_values = torch.split(model_output, C, dim=1)
+        model_output, model_var_values = self._split_output(model(x_t, self._scale_timesteps(t), **model_kwargs), x_t)
+        if model_var_values is not None:
             # The VB term sees a frozen mean, so it only trains the variance.
             frozen_out = torch.cat([model_output.detach(), model_var_values], dim=1)
             terms["vb"] = self._vb_terms_bpd(
@@ -563,15 +507,11 @@ class GaussianDiffusion:
                 # Divide by 1000 for equivalence with the initial IDDPM implementation (T/1000 = 1 at T = 1000).
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
 
-        target = {
-            ModelMeanType.PREVIOUS_X: lambda: self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0],
-            ModelMeanType.START_X: lambda: x_start,
-            ModelMeanType.EPSILON: lambda: noise,
-        }[self.model_mean_type]()
+        target = noise if self.model_mean_type == ModelMeanType.EPSILON else x_start
         if model_output.shape != target.shape:
             raise ValueError(f"model output shape {tuple(model_output.shape)} != target shape {tuple(target.shape)}")
         terms["mse_raw"] = mean_flat((target - model_output) ** 2)
-        terms["mse"] = self._extract(self.p2_weight, t, terms["mse_raw"].shape) * terms["mse_raw"]
+        terms["mse"] = self._extract("p2_weight", t, terms["mse_raw"].shape) * terms["mse_raw"]
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 
@@ -619,38 +559,37 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ helpers
 
-    def _extract(self, arr, timesteps, broadcast_shape):
-        """Index a [T] float64 table at `timesteps` and reshape to broadcast against `broadcast_shape` (float32).
-
-        The diffusion's own tables are moved to a device once and cached there, so a step does no
-        host-to-device copy; any other array is converted on each call.
-        """
-        if id(arr) not in self._cached_table_ids:
-            return _extract_into_tensor(arr, timesteps, broadcast_shape)
-        key = (id(arr), timesteps.device)
+    def _extract(self, table_name, timesteps, broadcast_shape):
+        """This diffusion's [T] float64 table `table_name` at `timesteps`, as float32 broadcastable to
+        `broadcast_shape`. Each table is copied to a device once and cached there (the tables never change after
+        construction), so a step does no host-to-device copy."""
+        key = (table_name, timesteps.device)
         table = self._device_tables.get(key)
         if table is None:
-            table = self._device_tables[key] = torch.as_tensor(arr, dtype=torch.float64).to(timesteps.device)
-        res = table[timesteps].float()
-        return res.view(-1, *([1] * (len(broadcast_shape) - 1))).expand(broadcast_shape)
+            table = self._device_tables[key] = torch.as_tensor(getattr(self, table_name)).to(timesteps.device)
+        return table[timesteps].float().view(-1, *([1] * (len(broadcast_shape) - 1))).expand(broadcast_shape)
+
+
+def _last_sample(steps):
+    """The 'sample' of the last dict a progressive sampling loop yields."""
+    out = None
+    for out in steps:
+        pass
+    return out["sample"]
 
 
 def _check_p2_settings(p2_gamma, p2_k, loss_type):
-    """Reject P2 settings that the reference silently accepts (COMPAT §1, §12 #14)."""
+    """Reject P2 settings that the reference silently accepts (docs/compatibility.md, "Reference defects fixed
+    here", rows 14 and 20)."""
     if not math.isfinite(p2_gamma) or p2_gamma < 0:
         raise ValueError(f"--p2_gamma must be a finite number >= 0 (0 = baseline), got {p2_gamma}")
     if p2_gamma > 0 and not p2_k > 0:
         raise ValueError(
             f"--p2_k must be > 0 when --p2_gamma > 0 (k <= 0 makes the weight explode at small SNR), got {p2_k}"
         )
-    if p2_gamma > 0 and loss_type.is_vb():
+    if p2_gamma > 0 and loss_type == LossType.RESCALED_KL:
         raise ValueError(
             f"--p2_gamma {p2_gamma} has no effect with --use_kl True: P2 weights the MSE term, which the KL loss "
             "does not have; use --use_kl False (hybrid loss) or --p2_gamma 0"
         )
 
-
-def _extract_into_tensor(arr, timesteps, broadcast_shape):
-    """ADM's helper: index a numpy table at `timesteps` as a float32 tensor broadcastable to `broadcast_shape`."""
-    res = torch.from_numpy(np.asarray(arr)).to(device=timesteps.device)[timesteps].float()
-    return res.view(-1, *([1] * (len(broadcast_shape) - 1))).expand(broadcast_shape)
