@@ -1,4 +1,5 @@
-"""Log-likelihood helpers of the variational bound (COMPAT §2 "vb"): Gaussian KL and the discretised decoder."""
+"""Log-likelihood helpers of the variational bound (docs/compatibility.md, "Diffusion process"): Gaussian KL and
+the discretised decoder."""
 
 import numpy as np
 import torch

@@ -1,4 +1,5 @@
-"""The weighting schemes of the paper as per-timestep tables (Eqs. (5), (7), (8); Fig. 3, Fig. A; COMPAT §1).
+"""The weighting schemes of the paper as per-timestep tables (Eqs. (5), (7), (8); Fig. 3, Fig. A;
+docs/compatibility.md, "P2 weighting").
 
 Two views of the same weights:
 - the P2 factor w_t = (k + SNR_t)^-γ that multiplies the ε-MSE of L_simple (what training_losses applies);

@@ -1,4 +1,4 @@
-"""Weight tables and summaries (COMPAT §1; paper Eq. (A))."""
+"""Weight tables and summaries (docs/compatibility.md, "P2 weighting"; paper Eq. (A))."""
 
 import numpy as np
 
@@ -12,10 +12,13 @@ def test_vlb_lambda_matches_snr_form_of_eq_a():
     # Eq. (A): λ_t = SNR(t)(1 + SNR(t-1)) / ((1 + SNR(t))(SNR(t-1) - SNR(t))) for t >= 1.
     expected = snr[1:] * (1 + snr[:-1]) / ((1 + snr[1:]) * (snr[:-1] - snr[1:]))
     np.testing.assert_allclose(vlb_lambda(diffusion)[1:], expected, rtol=1e-8)
-    np.testing.assert_allclose(p2_lambda(make_diffusion(p2_gamma=1.0)), vlb_lambda(diffusion) / (1 + snr))
+    # λ'_t/λ_t is the P2 factor: the printed w(γ=1) at t = 9 and 699 (docs/compatibility.md, "P2 weighting").
+    ratio = p2_lambda(make_diffusion(p2_gamma=1.0)) / vlb_lambda(diffusion)
+    assert_matches_printed(ratio[9], "1.89e-3")
+    assert_matches_printed(ratio[699], "0.9930")
 
 
-def test_summary_numbers_of_compat():
+def test_summary_numbers_of_the_compatibility_doc():
     half = weight_summary(make_diffusion(p2_gamma=0.5).p2_weight, make_diffusion().snr)
     one = weight_summary(make_diffusion(p2_gamma=1.0).p2_weight, make_diffusion().snr)
     assert_matches_printed(half["mean"], "0.8059")
