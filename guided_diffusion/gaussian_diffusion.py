@@ -6,6 +6,7 @@ openai/guided-diffusion or the P2 code runs unchanged. Every per-timestep quanti
 at construction and indexed by t afterwards.
 """
 
+import collections
 import enum
 import functools
 import math
@@ -47,10 +48,7 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
             )
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if schedule_name == "cosine":
-        return betas_for_alpha_bar(
-            num_diffusion_timesteps,
-            lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2,
-        )
+        return betas_for_alpha_bar(num_diffusion_timesteps, lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2)
     raise ValueError(f"--noise_schedule {schedule_name!r} is unknown; use 'linear' or 'cosine'")
 
 
@@ -545,17 +543,10 @@ class GaussianDiffusion:
             eps = self._predict_eps_from_xstart(x_t, t_batch, out["pred_xstart"])
             mse.append(mean_flat((eps - noise) ** 2))
 
-        vb = torch.stack(vb, dim=1)
-        xstart_mse = torch.stack(xstart_mse, dim=1)
-        mse = torch.stack(mse, dim=1)
+        vb, xstart_mse, mse = (torch.stack(terms, dim=1) for terms in (vb, xstart_mse, mse))
         prior_bpd = self._prior_bpd(x_start)
-        return {
-            "total_bpd": vb.sum(dim=1) + prior_bpd,
-            "prior_bpd": prior_bpd,
-            "vb": vb,
-            "xstart_mse": xstart_mse,
-            "mse": mse,
-        }
+        total_bpd = vb.sum(dim=1) + prior_bpd
+        return {"total_bpd": total_bpd, "prior_bpd": prior_bpd, "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
     # ------------------------------------------------------------------ helpers
 
@@ -572,10 +563,7 @@ class GaussianDiffusion:
 
 def _last_sample(steps):
     """The 'sample' of the last dict a progressive sampling loop yields."""
-    out = None
-    for out in steps:
-        pass
-    return out["sample"]
+    return collections.deque(steps, maxlen=1).pop()["sample"]
 
 
 def _check_p2_settings(p2_gamma, p2_k, loss_type):

@@ -216,7 +216,11 @@ LINEAR_ALPHAS_CUMPROD = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
 # Gaussian data, one distribution per channel: x0[:, c] ~ N(DATA_MEAN[c], DATA_STD[c]²).
 DATA_MEAN = np.array([-0.4, 0.1, 0.5])
 DATA_STD = np.array([0.2, 0.35, 0.5])
-FIXED_LARGE, FIXED_SMALL, LEARNED_RANGE = gd.ModelVarType.FIXED_LARGE, gd.ModelVarType.FIXED_SMALL, gd.ModelVarType.LEARNED_RANGE
+FIXED_LARGE, FIXED_SMALL, LEARNED_RANGE = (
+    gd.ModelVarType.FIXED_LARGE,
+    gd.ModelVarType.FIXED_SMALL,
+    gd.ModelVarType.LEARNED_RANGE,
+)
 
 
 def _per_channel(values):
@@ -318,7 +322,8 @@ def test_one_step_has_the_closed_form_mean_and_noise_scale(sampler, var_type, v,
         expected_mean = _per_channel(gain) * x_t[row] + _per_channel(offset)
         torch.testing.assert_close(without_noise[row], expected_mean[0], rtol=1e-4, atol=1e-5)
         noise_scale = (unit_noise - without_noise)[row]
-        torch.testing.assert_close(noise_scale, _per_channel(np.sqrt(noise_var))[0].expand_as(noise_scale), rtol=1e-4, atol=1e-6)
+        expected_scale = _per_channel(np.sqrt(noise_var))[0].expand_as(noise_scale)
+        torch.testing.assert_close(noise_scale, expected_scale, rtol=1e-4, atol=1e-6)
 
 
 def _chain_moments(abars, **step_options):
@@ -330,7 +335,10 @@ def _chain_moments(abars, **step_options):
     return mean, var
 
 
-@pytest.mark.parametrize("sampler, var_type, v, eta", [case for case in SAMPLER_CASES if case[2] != 0.5] + [("ddim", FIXED_LARGE, None, 1.0)])
+LOOP_CASES = [case for case in SAMPLER_CASES if case[2] != 0.5] + [("ddim", FIXED_LARGE, None, 1.0)]
+
+
+@pytest.mark.parametrize("sampler, var_type, v, eta", LOOP_CASES)
 def test_sampling_loops_draw_the_data_distribution(sampler, var_type, v, eta):
     """4000 samples of Gaussian data through 50 respaced steps: the final mean and std per channel are those of the
     closed-form chain, within 5 standard errors, and that chain is close to the data's (μ, s)."""
@@ -359,7 +367,7 @@ def test_progressive_loops_visit_every_step_once_in_order(sampler):
         calls.append(tuple(x.shape))
         return torch.randn_like(x)
 
-    progressive = diffusion.p_sample_loop_progressive if sampler == "ancestral" else diffusion.ddim_sample_loop_progressive
+    progressive = diffusion.ddim_sample_loop_progressive if sampler == "ddim" else diffusion.p_sample_loop_progressive
     steps = list(progressive(model, (2, 3, 4, 4), device="cpu", noise_fn=noise_fn, progress=True))
     assert len(steps) == 10 and all(set(step) == {"sample", "pred_xstart"} for step in steps)
     assert model.seen_timesteps == sorted(diffusion.timestep_map, reverse=True)
@@ -405,7 +413,8 @@ def test_learned_range_interpolates_between_log_beta_and_posterior():
     for v, variance in ((1.0, betas), (-1.0, posterior_variance), (0.0, np.sqrt(betas * posterior_variance))):
         output = torch.cat([torch.zeros_like(x), torch.full_like(x, v)], dim=1)
         out = diffusion.p_mean_variance(lambda *a: output, x, torch.from_numpy(t))
-        torch.testing.assert_close(out["log_variance"], torch.from_numpy(np.log(variance)).float().view(-1, 1, 1, 1).expand_as(x))
+        expected = torch.from_numpy(np.log(variance)).float().view(-1, 1, 1, 1).expand_as(x)
+        torch.testing.assert_close(out["log_variance"], expected)
 
 
 def test_calc_bpd_loop_shapes_and_total():

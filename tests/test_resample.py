@@ -52,8 +52,8 @@ def test_loss_second_moment_follows_the_reference_bookkeeping():
     assert isinstance(sampler, LossSecondMomentResampler)
     reference = ListHistory(20)
     generator = torch.Generator().manual_seed(0)
-    updates = [torch.arange(20).repeat(9), torch.tensor([3] * 25 + [5, 5]), torch.randint(0, 20, (40,), generator=generator)]
-    updates += [torch.randint(0, 20, (7,), generator=generator) for _ in range(30)]
+    updates = [torch.arange(20).repeat(9), torch.tensor([3] * 25 + [5, 5])]
+    updates += [torch.randint(0, 20, (size,), generator=generator) for size in [40] + [7] * 30]
     for step, ts in enumerate(updates):
         losses = torch.rand(len(ts), generator=generator, dtype=torch.float64) * (ts + 1)
         sampler.update_with_local_losses(ts, losses.float())
@@ -85,7 +85,8 @@ def test_loss_second_moment_resumes_exactly():
     straight = LossSecondMomentResampler(diffusion)
     generator = torch.Generator().manual_seed(1)
     for _ in range(50):
-        straight.update_with_local_losses(torch.randint(0, 30, (8,), generator=generator), torch.rand(8, generator=generator))
+        ts, losses = torch.randint(0, 30, (8,), generator=generator), torch.rand(8, generator=generator)
+        straight.update_with_local_losses(ts, losses)
     resumed = LossSecondMomentResampler(diffusion)
     resumed.load_state_dict(straight.state_dict())
     for sampler in (straight, resumed):
@@ -134,7 +135,8 @@ def test_no_value_is_read_back_to_the_host(monkeypatch):
 
 
 def test_losses_of_all_ranks_are_gathered_rank_by_rank(monkeypatch):
-    """With two ranks the history takes rank 0's losses, then rank 1's (a fake rank 1 sends the same t, losses × 10)."""
+    """With two ranks the history takes rank 0's losses, then rank 1's (a fake rank 1 sends the same t and
+    ten times the losses)."""
     monkeypatch.setattr(resample.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(resample.dist, "get_world_size", lambda: 2)
 
