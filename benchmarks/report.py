@@ -2,7 +2,7 @@
 
 import json
 
-from guided_diffusion.checkpoint import atomic_write
+from guided_diffusion.fileio import atomic_write
 from guided_diffusion.respace import space_timesteps
 
 from .settings import PHASES

@@ -4,10 +4,11 @@ Usage, from the repository root after `pip install -e .`:
     python datasets/prepare.py --source RAW_FOLDER_OR_ZIP --dest OUT_FOLDER_OR_ZIP --size 256 [--workers 8]
 
 Every image is decoded and centre-cropped exactly as `guided_diffusion.image_datasets` does during training
-(`decode_image`, then `center_crop_arr`: BOX halving, BICUBIC resize of the short side, centre crop; COMPAT §8), so
-training on the output at the same size sees the same pixels as training on the raw files, without re-decoding
-large images every epoch. Output names keep each file's relative path with the extension changed to ".png" (the
-class prefix before the first "_" survives). Unreadable files are skipped with a warning and counted.
+(`decode_image`, then `center_crop_arr`: BOX halving, BICUBIC resize of the short side, centre crop;
+docs/compatibility.md, "Data loading"), so training on the output at the same size sees the same pixels as training
+on the raw files, without re-decoding large images every epoch. Output names keep each file's relative path with the
+extension changed to ".png" (the class prefix before the first "_" survives). Unreadable files are skipped with a
+warning and counted.
 See datasets/README.md for each dataset of the paper.
 """
 

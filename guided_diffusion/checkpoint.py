@@ -8,13 +8,12 @@ log dir, written in this order:
     optSSSSSS.pt             optimizer state_dict
     stateSSSSSS.pt           the training state: everything an exact resume needs (see `training_state`)
 
-The state file comes last, so its presence marks the checkpoint complete. Every file goes through `atomic_write`
+The state file comes last, so its presence marks the checkpoint complete. Every file goes through `fileio.atomic_write`
 (temporary file beside the target, fsync, rename), so a crash or SIGKILL leaves either the previous file or the new
 one, never a torn one. Everything is stored as tensors and primitive containers, so `torch.load(weights_only=True)`
 reads it all.
 """
 
-import json
 import os
 import random
 import re
@@ -25,13 +24,13 @@ import numpy as np
 import torch
 import yaml
 
-from . import dist_util
+from . import dist_util, fileio
+from .fileio import atomic_write
 from .script_util import model_defaults
 
 TRAINING_STATE_FORMAT = "p2-diffusion training state"
 TRAINING_STATE_VERSION = 1
 CONFIG_FILE = "config.yaml"
-TEMPORARY_MARKER = ".tmp-"
 
 # Flags that define the network (its state_dict and function); resuming with other values is an error.
 # use_checkpoint (memory only) and use_fp16 (a precision, see --precision) do not change the weights' meaning.
@@ -43,51 +42,7 @@ _STEP_SUFFIX = re.compile(r"^(model|opt|state|ema_.+_)(\d+)\.pt$")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def atomic_write(path, write):
-    """Write a file so that readers only ever see the old or the complete new content.
-
-    :param path: target file; a blobfile URL (gs://, az://) is uploaded in one piece, which is atomic there.
-    :param write: function called with a binary file object open for writing.
-    """
-    if "://" in path:
-        import blobfile
-
-        with blobfile.BlobFile(path, "wb") as f:
-            write(f)
-        return
-    directory, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{name}{TEMPORARY_MARKER}{os.getpid()}")
-    try:
-        with open(temporary, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory):
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path, obj):
-    """Write `obj` as indented JSON (atomically), creating the parent folder if needed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
+# Files of a run
 
 
 def save_torch(obj, path):
@@ -125,10 +80,7 @@ def check_log_dir(log_dir, start_step, remove_temporaries=True):
             f"{log_dir}, or choose another --log_dir"
         )
     if remove_temporaries:
-        for name in os.listdir(log_dir):
-            if name.startswith(".") and TEMPORARY_MARKER in name:
-                warnings.warn(f"removing {name} from {log_dir}: a temporary file of an interrupted write", stacklevel=2)
-                os.remove(os.path.join(log_dir, name))
+        fileio.remove_temporaries(log_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""FID and KID as clean-fid computes them (COMPAT.md §10), for the inputs this project produces.
+"""FID and KID as clean-fid computes them (docs/compatibility.md, "Evaluation"), for the inputs this project produces.
 
 Images come from a sample npz (`arr_0`, uint8 [N, H, W, 3], the ADM/P2 format), a folder or zip of image files, or
 an in-memory uint8 array [N, H, W, 3]. All of them go through clean-fid's own preprocessing (`ResizeDataset`,
@@ -51,7 +51,7 @@ from cleanfid.inception_pytorch import FID_WEIGHTS_URL
 from cleanfid.utils import EXTENSIONS, ResizeDataset
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, write_json
+from .fileio import atomic_write, write_json
 
 MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
 METRICS = ("fid", "kid")

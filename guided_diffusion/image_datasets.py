@@ -1,5 +1,5 @@
-"""Image sets: listing, decoding, ADM's centre/random crops, flips, sharding by rank, exact resume (COMPAT §8),
-and writing prepared sets (datasets/prepare.py, datasets/build_emoji.py).
+"""Image sets: listing, decoding, ADM's centre/random crops, flips, sharding by rank, exact resume
+(docs/compatibility.md, "Data loading"), and writing prepared sets (datasets/prepare.py, datasets/build_emoji.py).
 
 A data source is a folder (a local path or a blobfile URL, listed recursively) or a `.zip` of images, read lazily;
 `data_dir=""` selects the bundled demo set `datasets/emoji32.zip`. `load_data` returns an `ImageBatches` iterator
@@ -15,7 +15,6 @@ grayscale is scaled to 8 bits (v / 257) instead of being clipped at 255. Opaque 
 import io
 import math
 import os
-import tempfile
 import warnings
 import zipfile
 
@@ -25,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from . import dist_util
+from . import dist_util, fileio
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 DEMO_DATASET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets", "emoji32.zip")
@@ -50,7 +49,8 @@ def load_data(
     rank=None,
     world_size=None,
 ):
-    """Endless training batches from a folder or zip of images (ADM's `load_data`, COMPAT §8).
+    """Endless training batches from a folder or zip of images (ADM's `load_data`; docs/compatibility.md,
+    "Data loading").
 
     :param data_dir: folder (local or blobfile URL) or local `.zip`; "" = the bundled demo set (`DEMO_DATASET`).
     :param batch_size: images per batch on this rank.
@@ -423,21 +423,20 @@ def encode_png(image):
 class ImageSetWriter:
     """Context manager writing named files into a folder, or into a `.zip` when `dest` ends with ".zip".
 
-    A zip is written to a temporary file and moved into place only when the block ends without an error; its
-    members are stored (PNG is compressed already) with fixed timestamps and permissions, so the same inputs added
-    in the same order give the same bytes. Folder files are each written to a temporary file and renamed.
+    Every file, and a zip as a whole, is written atomically (fileio.atomic_open): a zip appears only when the block
+    ends without an error. Zip members are stored (PNG is compressed already) with fixed timestamps and
+    permissions, so the same inputs added in the same order give the same bytes.
     """
 
     def __init__(self, dest):
         self.dest = dest
         self.is_zip = dest.lower().endswith(".zip")
-        self._archive, self._tmp_path = None, None
+        self._archive, self._zip_file = None, None
 
     def __enter__(self):
         if self.is_zip:
-            fd, self._tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.dest)), suffix=".tmp")
-            os.close(fd)
-            self._archive = zipfile.ZipFile(self._tmp_path, "w", compression=zipfile.ZIP_STORED)
+            self._zip_file = fileio.atomic_open(self.dest)
+            self._archive = zipfile.ZipFile(self._zip_file.__enter__(), "w", compression=zipfile.ZIP_STORED)
         else:
             os.makedirs(self.dest, exist_ok=True)
         return self
@@ -452,22 +451,9 @@ class ImageSetWriter:
             return
         path = os.path.join(self.dest, *name.split("/"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        _publish(tmp_path, path)
+        fileio.write_bytes(path, data)
 
     def __exit__(self, exc_type, exc, traceback):
-        if not self.is_zip:
-            return
-        self._archive.close()
-        if exc_type is None:
-            _publish(self._tmp_path, self.dest)
-        else:
-            os.remove(self._tmp_path)
-
-
-def _publish(tmp_path, path):
-    # mkstemp creates files readable by their owner only; a dataset file is meant to be shared.
-    os.chmod(tmp_path, 0o644)
-    os.replace(tmp_path, path)
+        if self.is_zip:
+            self._archive.close()
+            self._zip_file.__exit__(exc_type, exc, traceback)

@@ -12,7 +12,7 @@ import os
 
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write
+from .fileio import atomic_write
 
 LOG_FILE = "log.txt"
 PROGRESS_FILE = "progress.csv"
@@ -86,13 +86,8 @@ class Logger:
             csv.DictWriter(f, fieldnames=self._columns, restval="").writerow(scalars)
 
     def _read_csv(self):
-        """(header, rows as dicts) of progress.csv; ([], []) when it does not exist yet."""
-        if not os.path.exists(self._csv_path):
-            return [], []
-        with open(self._csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            return list(reader.fieldnames or []), rows
+        """(header, rows as dicts of str) of progress.csv; ([], []) when it does not exist yet."""
+        return read_csv_table(self._csv_path)
 
     def _rewrite_csv(self, rows):
         text = io.StringIO()
@@ -119,3 +114,38 @@ def _tensorboard_writer(log_dir):
     except ImportError:
         return None
     return SummaryWriter(log_dir)
+
+
+def read_csv_table(path):
+    """(header, rows as {column: str}) of a CSV file; ([], []) when it does not exist."""
+    if not os.path.exists(path):
+        return [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def read_progress(path):
+    """The rows of a progress.csv (or of the one in run folder `path`) as {column: float}, in logged order.
+
+    A column that a row did not log (an empty cell: the column appeared later, or is logged only at some steps)
+    is left out of that row.
+    :raises FileNotFoundError: no progress.csv there. ValueError: a cell that is not a number.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, PROGRESS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; give a progress.csv or the run folder holding it")
+    _, rows = read_csv_table(path)
+    return [
+        {key: _number(value, f"{path}, line {line}, column {key!r}") for key, value in row.items() if value}
+        for line, row in enumerate(rows, start=2)
+    ]
+
+
+def _number(text, where):
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{where}: {text!r} is not a number") from None

@@ -5,7 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .checkpoint import atomic_write  # noqa: E402
+from .fileio import atomic_write  # noqa: E402
 from .gaussian_diffusion import SNR_STAGE_BOUNDS  # noqa: E402
 
 STAGE_COLOURS = {"coarse": "#dde8f5", "content": "#f7e3c8", "cleanup": "#e4e4e4"}

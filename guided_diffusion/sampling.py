@@ -1,4 +1,5 @@
-"""Sample generation shared by scripts/image_sample.py and in-training evaluation (COMPAT §4, §9).
+"""Sample generation shared by scripts/image_sample.py and in-training evaluation (docs/compatibility.md,
+"Samplers" and "Sample files").
 
 Reproducibility: sample i is drawn from its own torch.Generator seeded from (seed, i), so its class
 label, x_T and every step's noise depend only on `seed` and `i` (and the device type, whose random
@@ -9,9 +10,9 @@ Across batch sizes (or thread counts) the network itself is not bitwise invarian
 algorithms and reduction orders (e.g. a GEMV for a batch of one), so a rare pixel whose value lies
 within ~1e-6 of a quantisation step moves by one level; the noise is identical.
 
-Quantiser (one for every output, COMPAT §9): uint8 of clamp((x + 1) * 127.5, 0, 255), where the cast
-truncates, exactly as the reference npz. The PNGs hold the same uint8 pixels, so the npz and the PNG
-folder agree bit for bit (the reference's PNGs rounded instead).
+Quantiser (one for every output; docs/compatibility.md, "Sample files"): uint8 of clamp((x + 1) * 127.5,
+0, 255), where the cast truncates, exactly as the reference npz. The PNGs hold the same uint8 pixels, so
+the npz and the PNG folder agree bit for bit (the reference's PNGs rounded instead).
 
 Sample folder (resumable; the PNGs are the record of finished work):
     run.json                       arguments that determine the samples; a rerun must match them
@@ -24,7 +25,6 @@ SIGKILL, preemption) loses at most the batches in flight. `num_samples` may grow
 first samples are unchanged), never shrink. The folder must be on a filesystem every rank sees.
 """
 
-import contextlib
 import json
 import math
 import os
@@ -36,10 +36,11 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from .checkpoint import TEMPORARY_MARKER, atomic_write
+from . import fileio
+from .fileio import atomic_write
+from .precision import PRECISIONS, network_at_precision, sampling_autograd_mode
 from .script_util import NUM_CLASSES
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRID_SAMPLES = 64
 GRID_COLUMNS = 8
 GRID_PADDING_PX = 2
@@ -111,40 +112,13 @@ class PerSampleGenerator:
 
 
 def quantize_to_uint8(images):
-    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] via clamp((x + 1) * 127.5, 0, 255), truncated (COMPAT §9)."""
+    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] via clamp((x + 1) * 127.5, 0, 255), truncated ("Sample files")."""
     return ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def autocast_for(precision, device_type):
-    """The context a network runs in at `precision`: nothing for fp32, torch.autocast for bf16 / fp16."""
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=dtype)
-
-
-def network_at_precision(model, precision, device):
-    """The model itself for fp32; otherwise a callable running it under autocast (the U-Net returns x's dtype)."""
-    if PRECISIONS[precision] is None:
-        return model
-
-    def network(x, t, **kwargs):
-        with autocast_for(precision, torch.device(device).type):
-            return model(x, t, **kwargs)
-
-    return network
-
-
-def sampling_autograd_mode():
-    """The autograd state of sample generation: inference mode, which records no graph and, unlike no_grad,
-    also skips version counting and view tracking (ancestral/DDIM loops need no gradients; a `cond_fn`, which
-    does, is not used here)."""
-    return torch.inference_mode()
 
 
 @sampling_autograd_mode()
 def generate_batch(model, diffusion, indices, options, device):
-    """Generate the samples with global indices `indices` (COMPAT §4 samplers, per-sample noise).
+    """Generate the samples with global indices `indices` (docs/compatibility.md, "Samplers"; per-sample noise).
 
     :param model: the U-Net, in eval mode, on `device`.
     :param diffusion: a (respaced) GaussianDiffusion; ancestral or DDIM over its steps.
@@ -214,7 +188,8 @@ def plan_batches(missing_indices, batch_size, world_size):
 
     :return: list of rounds; round k lists every rank's batch (numpy int64 arrays) of that round, so
         a rank knows both its own batch (round[rank], absent in a short last round) and the round's size.
-        There are exactly ⌈len(missing) / batch_size⌉ batches (COMPAT §12 #1).
+        There are exactly ⌈len(missing) / batch_size⌉ batches: the reference's loop never
+        advanced its batch counter (docs/compatibility.md, "Reference defects fixed here").
     """
     missing = np.asarray(sorted(missing_indices), dtype=np.int64)
     batches = [missing[k : k + batch_size] for k in range(0, len(missing), batch_size)]
@@ -267,8 +242,8 @@ class SampleFolder:
 
     def record_run(self, identity, num_samples):
         os.makedirs(self.images_dir, exist_ok=True)
-        text = json.dumps({"identity": identity, "num_samples": num_samples}, indent=2, sort_keys=True)
-        atomic_write(self.run_file, lambda f: f.write(text.encode()))
+        fileio.write_text(self.run_file, json.dumps({"identity": identity, "num_samples": num_samples}, indent=2,
+                                                    sort_keys=True))
 
     def finished_indices(self):
         """Global indices whose PNG exists (PNGs are written atomically, so each is complete)."""
@@ -279,10 +254,7 @@ class SampleFolder:
     def remove_stale_temporaries(self):
         """Delete temporary files of writes a killed run left (hidden, see atomic_write); before any rank writes."""
         for directory in (self.path, self.images_dir):
-            if os.path.isdir(directory):
-                for name in os.listdir(directory):
-                    if name.startswith(".") and TEMPORARY_MARKER in name:
-                        os.remove(os.path.join(directory, name))
+            fileio.remove_temporaries(directory)
 
     def write_batch(self, indices, images, labels):
         for k, index in enumerate(indices):

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from . import checkpoint, dist_util
 from .gaussian_diffusion import SNR_STAGE_NAMES, snr_stage
 from .logger import Logger
+from .precision import PRECISIONS, autocast_for
 from .resample import LossAwareSampler, UniformSampler
-from .sampling import PRECISIONS, autocast_for
 from .train_eval import load_ema_weights
 
 INITIAL_LG_LOSS_SCALE = 20.0  # the reference's starting log2 loss scale

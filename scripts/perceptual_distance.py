@@ -30,17 +30,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util  # noqa: E402
-from guided_diffusion.analysis import (  # noqa: E402
-    NETWORK_CHOICES,
-    AnalysisError,
-    ImageSet,
-    load_perceptual_network,
-    noisy_pair_distances,
-    snr_grid,
-    write_csv,
-)
-from guided_diffusion.checkpoint import write_json  # noqa: E402
+from guided_diffusion.analysis import AnalysisError, ImageSet, noisy_pair_distances, snr_grid  # noqa: E402
+from guided_diffusion.fileio import write_csv, write_json  # noqa: E402
 from guided_diffusion.evaluation import EvaluationError  # noqa: E402
+from guided_diffusion.perceptual import NETWORK_CHOICES, load_perceptual_network  # noqa: E402
 from guided_diffusion.plotting import plot_distance_curves  # noqa: E402
 
 

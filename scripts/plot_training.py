@@ -18,7 +18,6 @@ is left out of that panel only.
 """
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -32,10 +31,10 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion.plotting import save_figure  # noqa: E402
-from guided_diffusion.checkpoint import write_json  # noqa: E402
-from guided_diffusion.analysis import AnalysisError, write_csv  # noqa: E402
+from guided_diffusion.fileio import write_csv, write_json  # noqa: E402
+from guided_diffusion.analysis import AnalysisError  # noqa: E402
 from guided_diffusion.gaussian_diffusion import SNR_STAGE_BOUNDS  # noqa: E402
-from guided_diffusion.logger import PROGRESS_FILE  # noqa: E402
+from guided_diffusion.logger import PROGRESS_FILE, read_progress  # noqa: E402
 
 LOW, HIGH = SNR_STAGE_BOUNDS
 LOSS_ROWS = (("mse", "weighted ε-MSE"), ("mse_raw", "unweighted ε-MSE"))
@@ -71,18 +70,16 @@ def parse_run(spec):
     return path, label or os.path.basename(os.path.dirname(os.path.abspath(path)))
 
 
-def read_progress(path):
-    """{column: float64 [rows]} of a progress.csv; empty cells (columns a row did not log) are NaN."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+def progress_table(path):
+    """{column: float64 [rows]} of a progress.csv; cells a row did not log are NaN."""
+    try:
+        rows = read_progress(path)
+    except ValueError as err:
+        raise AnalysisError(str(err)) from None
     if not rows:
         raise AnalysisError(f"{path} has no rows")
-    table = {}
-    for column in rows[0]:
-        try:
-            table[column] = np.array([float(row[column]) if row[column] else math.nan for row in rows])
-        except ValueError:
-            raise AnalysisError(f"{path}: column {column!r} holds a value that is not a number") from None
+    columns = dict.fromkeys(key for row in rows for key in row)
+    table = {column: np.array([row.get(column, math.nan) for row in rows]) for column in columns}
     if "samples" not in table:
         raise AnalysisError(f"{path} has no column 'samples' (training images seen), which is the x axis")
     return table
@@ -152,7 +149,7 @@ def summarise(path, label, table):
 
 def run(args):
     specs = [parse_run(spec) for spec in args.runs]
-    runs = [(label, read_progress(path)) for path, label in specs]
+    runs = [(label, progress_table(path)) for path, label in specs]
     os.makedirs(args.out_dir, exist_ok=True)
     figures = [os.path.join(args.out_dir, "training_losses.png")]
     plot_losses(runs, args.smooth, figures[0])

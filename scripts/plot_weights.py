@@ -11,8 +11,6 @@ Example:
 """
 
 import argparse
-import csv
-import json
 import os
 import sys
 
@@ -23,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from guided_diffusion.fileio import write_csv, write_json  # noqa: E402
 from guided_diffusion.plotting import save_figure, shade_stages  # noqa: E402
 from guided_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
 from guided_diffusion.weighting import p2_lambda, weight_summary  # noqa: E402
@@ -103,21 +102,21 @@ def plot_fig_a(tables, path):
 
 
 def write_numbers(tables, out_dir):
-    with open(os.path.join(out_dir, "weights.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        gammas = list(next(iter(tables.values()))["gammas"])
-        writer.writerow(["schedule", "t", "snr"] + [f"w_gamma{g:g}" for g in gammas] + [f"lambda_gamma{g:g}" for g in gammas])
-        for schedule, entry in tables.items():
-            for t, snr in enumerate(entry["snr"]):
-                w = [entry["gammas"][g]["w"][t] for g in gammas]
-                lam = [entry["gammas"][g]["lambda"][t] for g in gammas]
-                writer.writerow([schedule, t, f"{snr:.10g}"] + [f"{v:.10g}" for v in w + lam])
+    gammas = list(next(iter(tables.values()))["gammas"])
+    header = ["schedule", "t", "snr"] + [f"w_gamma{g:g}" for g in gammas] + [f"lambda_gamma{g:g}" for g in gammas]
+    rows = [
+        [schedule, t, float(snr)]
+        + [float(entry["gammas"][g]["w"][t]) for g in gammas]
+        + [float(entry["gammas"][g]["lambda"][t]) for g in gammas]
+        for schedule, entry in tables.items()
+        for t, snr in enumerate(entry["snr"])
+    ]
+    write_csv(os.path.join(out_dir, "weights.csv"), header, rows)
     summary = {
         schedule: {f"{gamma:g}": values["summary"] for gamma, values in entry["gammas"].items()}
         for schedule, entry in tables.items()
     }
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary
 
 

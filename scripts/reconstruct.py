@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-from guided_diffusion import analysis, dist_util  # noqa: E402
-from guided_diffusion.checkpoint import atomic_write, write_json  # noqa: E402
+from guided_diffusion import analysis, dist_util, perceptual  # noqa: E402
+from guided_diffusion.fileio import atomic_write, write_csv, write_json  # noqa: E402
 from guided_diffusion.evaluation import EvaluationError  # noqa: E402
 from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args  # noqa: E402,E501
 from guided_diffusion.plotting import plot_distance_curves, save_figure  # noqa: E402
@@ -73,7 +73,7 @@ def check_args(args):
         raise analysis.AnalysisError("--class_cond True: reconstruct.py serves unconditional models only")
     if args.num_images < 1 or args.grid_rows < 1 or args.batch_size < 1:
         raise analysis.AnalysisError("--num_images, --grid_rows and --batch_size must be >= 1")
-    choices = analysis.NETWORK_CHOICES + ("none",)
+    choices = perceptual.NETWORK_CHOICES + ("none",)
     if args.network not in choices:
         raise analysis.AnalysisError(f"--network {args.network!r} is not one of {', '.join(choices)}")
 
@@ -118,7 +118,7 @@ def write_distances(args, images_path, sweep, target_snrs, network, distances):
     ))
     header = ["target_snr", "snr", "step", "timestep", "mean_distance", "std_distance"]
     rows = [[r["target_snr"], r["snr"], r["step"], r["timestep"], r["mean"], r["std"]] for r in records]
-    analysis.write_csv(os.path.join(args.out_dir, "distances.csv"), header, rows)
+    write_csv(os.path.join(args.out_dir, "distances.csv"), header, rows)
 
     label = f"mean over {distances.shape[1]} images (± std)"
     plot_distance_curves(np.array(sweep["snr"]), [(label, distances, "tab:blue")],
@@ -138,7 +138,7 @@ def run(args):
     inputs = image_set.load(range(args.num_images))
     network = None
     if args.network != "none":
-        network = analysis.load_perceptual_network(args.network, args.network_path or None,
+        network = perceptual.load_perceptual_network(args.network, args.network_path or None,
                                                    args.inception_path or None, args.lpips_net, str(device),
                                                    args.batch_size)
     model, diffusion, _ = load_model_and_diffusion(args)

@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, evaluation  # noqa: E402
 from guided_diffusion.plotting import save_figure  # noqa: E402
-from guided_diffusion.analysis import AnalysisError, CountingNetwork, write_csv  # noqa: E402
-from guided_diffusion.checkpoint import atomic_write, write_json  # noqa: E402
+from guided_diffusion.analysis import AnalysisError, CountingNetwork  # noqa: E402
+from guided_diffusion.fileio import write_csv, write_json, write_text  # noqa: E402
 from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args  # noqa: E402,E501
 from guided_diffusion.respace import space_timesteps  # noqa: E402
 from guided_diffusion.sampling import SamplingOptions, sample_to_folder  # noqa: E402
@@ -131,7 +131,7 @@ def run(args):
     os.makedirs(args.out_dir, exist_ok=True)
     rows = [sample_schedule(args, schedule, network) for schedule in args.schedules]
     table = markdown_table(rows)
-    atomic_write(os.path.join(args.out_dir, "sweep.md"), lambda f: f.write(table.encode()))
+    write_text(os.path.join(args.out_dir, "sweep.md"), table)
     write_csv(os.path.join(args.out_dir, "sweep.csv"), list(rows[0]), [list(row.values()) for row in rows])
     write_json(os.path.join(args.out_dir, "sweep.json"), dict(model_path=os.path.abspath(args.model_path),
                                                               reference=args.reference, seed=args.seed, rows=rows))

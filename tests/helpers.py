@@ -12,7 +12,7 @@ from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 
 def assert_matches_printed(value, printed):
     """`value` equals the decimal string `printed` (e.g. "0.170", "4.036e-5") as printed: within half a unit of
-    its last digit, or within 1e-3 relative (COMPAT prints 0.0070150 as "0.00702")."""
+    its last digit, or within 1e-3 relative (docs/compatibility.md prints 0.0070150 as "0.00702")."""
     exponent = decimal.Decimal(printed).as_tuple().exponent
     tolerance = max(0.5 * 10.0**exponent * (1 + 1e-9), 1e-3 * abs(float(printed)))
     assert abs(value - float(printed)) <= tolerance, f"{value} does not match the printed {printed}"

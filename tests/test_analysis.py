@@ -5,9 +5,10 @@ import os
 import numpy as np
 import pytest
 import torch
+import torchvision
 from helpers import OracleEpsModel, make_diffusion, save_standin_inception
 
-from guided_diffusion import analysis, evaluation
+from guided_diffusion import analysis, evaluation, perceptual
 from guided_diffusion.image_datasets import DEMO_DATASET
 
 
@@ -136,29 +137,29 @@ def test_feature_distance_is_the_chord_between_unit_features(images):
     def features(batch):
         return batch.reshape(len(batch), -1).astype(np.float64) + 1.0
 
-    network = analysis.FeatureDistance(features, "test", "pixels")
+    network = perceptual.FeatureDistance(features, "test", "pixels")
     same, other = network.distances(images[:3], images[:3], images[3:])
     assert np.array_equal(same, np.zeros(3))
     f = features(images)
     unit = f / np.linalg.norm(f, axis=1, keepdims=True)
     assert np.allclose(other, np.linalg.norm(unit[:3] - unit[3:], axis=1))
-    scaled = analysis.FeatureDistance(lambda batch: features(batch) * np.tile(scale[: len(batch) // 2], (2, 1)),
-                                      "test", "scaled")
+    scaled = perceptual.FeatureDistance(lambda batch: features(batch) * np.tile(scale[: len(batch) // 2], (2, 1)),
+                                        "test", "scaled")
     assert np.allclose(scaled.distances(images[:3], images[3:])[0], other)
 
 
 def test_torchscript_network_path(tmp_path, images):
     path = save_standin_feature_network(tmp_path / "standin.pt")
-    network = analysis.load_perceptual_network(network_path=path, batch_size=4)
+    network = perceptual.load_perceptual_network(network_path=path, batch_size=4)
     assert network.kind == "torchscript" and network.name == f"TorchScript {path}"
     same, other = network.distances(images[:3], images[:3], images[3:])
     assert np.allclose(same, 0) and (other > 0.05).all() and (other <= 2).all()
     with pytest.raises(analysis.AnalysisError, match="either --network lpips or --network_path"):
-        analysis.load_perceptual_network("lpips", network_path=path)
+        perceptual.load_perceptual_network("lpips", network_path=path)
     with pytest.raises(analysis.AnalysisError, match="no such file"):
-        analysis.load_perceptual_network(network_path=str(tmp_path / "missing.pt"))
+        perceptual.load_perceptual_network(network_path=str(tmp_path / "missing.pt"))
     with pytest.raises(analysis.AnalysisError, match="not one of auto, lpips, inception"):
-        analysis.load_perceptual_network("vgg")
+        perceptual.load_perceptual_network("vgg")
 
 
 @pytest.fixture
@@ -168,23 +169,50 @@ def empty_hub(monkeypatch, tmp_path):
 
 
 def test_lpips_without_its_weights_names_what_is_missing(empty_hub, tmp_path):
-    problem = analysis.lpips_missing("alex")
-    if analysis.importlib.util.find_spec("lpips") is None:
+    problem = perceptual.lpips_missing("alex")
+    if perceptual.importlib.util.find_spec("lpips") is None:
         assert "pip install lpips" in problem
     else:
         expected = os.path.join(str(tmp_path / "hub"), "checkpoints", "alexnet-owt-7be5be79.pth")
         assert expected in problem and "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth" in problem
     with pytest.raises(analysis.AnalysisError) as error:
-        analysis.load_perceptual_network("lpips")
+        perceptual.load_perceptual_network("lpips")
     assert str(error.value) == problem
     with pytest.raises(analysis.AnalysisError, match="--lpips_net 'resnet'"):
-        analysis.load_perceptual_network("lpips", lpips_net="resnet")
+        perceptual.load_perceptual_network("lpips", lpips_net="resnet")
+
+
+@pytest.fixture
+def standin_lpips_backbone(monkeypatch, tmp_path):
+    """torch.hub's cache (under TORCH_HOME) holds a randomly initialised AlexNet under the name of torchvision's
+    ImageNet weights, so LPIPS builds without a download; its linear heads are the real ones shipped with lpips."""
+    pytest.importorskip("lpips")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    path, _ = perceptual.lpips_backbone_file("alex")
+    os.makedirs(os.path.dirname(path))
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet().state_dict(), path)
+    return path
+
+
+def test_lpips_distance_is_zero_for_identical_images_symmetric_and_grows_with_difference(standin_lpips_backbone):
+    images = analysis.ImageSet("", image_size=32).load(range(8))
+    network = perceptual.load_perceptual_network("auto", batch_size=3)  # LPIPS is preferred where it is available
+    assert network.kind == "lpips" and standin_lpips_backbone in network.name
+    noise = np.random.default_rng(0).integers(-8, 9, size=images[:4].shape)
+    slightly_changed = np.clip(images[:4].astype(np.int64) + noise, 0, 255).astype(np.uint8)
+    same, forward, slight = network.distances(images[:4], images[:4], images[4:], slightly_changed)
+    assert np.allclose(same, 0, atol=1e-6)
+    (reverse,) = network.distances(images[4:], images[:4])
+    assert np.allclose(forward, reverse, rtol=1e-5, atol=1e-7)
+    assert (slight > 1e-4).all() and (forward > slight).all()
 
 
 def test_auto_falls_back_to_inception_then_fails_listing_every_option(empty_hub, monkeypatch, tmp_path, images):
     standin = evaluation.load_feature_network("clean", save_standin_inception(tmp_path / "inception.pt"))
     monkeypatch.setattr(evaluation, "load_feature_network", lambda *args, **kwargs: standin)
-    network = analysis.load_perceptual_network("auto", batch_size=4)
+    network = perceptual.load_perceptual_network("auto", batch_size=4)
     assert network.kind == "inception" and standin.name in network.name
     same, other = network.distances(images[:2], images[:2], images[2:4])
     assert np.allclose(same, 0, atol=1e-6) and (other > 0).all()
@@ -194,11 +222,11 @@ def test_auto_falls_back_to_inception_then_fails_listing_every_option(empty_hub,
 
     monkeypatch.setattr(evaluation, "load_feature_network", unavailable)
     with pytest.raises(analysis.AnalysisError) as error:
-        analysis.load_perceptual_network("auto")
+        perceptual.load_perceptual_network("auto")
     message = str(error.value)
     assert message.startswith("no perceptual network is available")
-    for option in ("--network lpips: " + analysis.lpips_missing("alex"), "--network inception: the Inception",
+    for option in ("--network lpips: " + perceptual.lpips_missing("alex"), "--network inception: the Inception",
                    "--network_path FILE"):
         assert option in message
     with pytest.raises(analysis.AnalysisError, match="^the Inception network for FID/KID is not available"):
-        analysis.load_perceptual_network("inception")
+        perceptual.load_perceptual_network("inception")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import checkpoint
+from guided_diffusion import checkpoint, fileio
 
 RATES = ["0.9999", "0.999"]
 
@@ -158,10 +158,10 @@ def test_check_log_dir_refuses_newer_checkpoints_and_removes_temporaries(tmp_pat
     checkpoint.save_checkpoint(str(tmp_path), _state(6))
     with pytest.raises(FileExistsError, match="step\\(s\\) 6"):
         checkpoint.check_log_dir(str(tmp_path), start_step=0)
-    (tmp_path / f".model000008.pt{checkpoint.TEMPORARY_MARKER}123").write_bytes(b"torn")
+    (tmp_path / f".model000008.pt{fileio.TEMPORARY_MARKER}123").write_bytes(b"torn")
     with pytest.warns(UserWarning, match="interrupted write"):
         checkpoint.check_log_dir(str(tmp_path), start_step=6)
-    assert not any(checkpoint.TEMPORARY_MARKER in name for name in os.listdir(tmp_path))
+    assert not any(fileio.TEMPORARY_MARKER in name for name in os.listdir(tmp_path))
 
 
 def test_missing_resume_path_is_reported(tmp_path):

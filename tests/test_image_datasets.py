@@ -57,7 +57,8 @@ def _assert_same_batches(batches_a, batches_b):
 
 
 def _documented_center_crop(image, size):
-    """The algorithm of COMPAT §8 written out step by step, independently of the library."""
+    """The algorithm of docs/compatibility.md, "Data loading", written out step by step, independently of the
+    library."""
     width, height = image.size
     while min(width, height) >= 2 * size:
         width, height = width // 2, height // 2

@@ -20,7 +20,7 @@ from train_fixtures import (  # noqa: E402
 )
 
 import image_train  # noqa: E402
-from guided_diffusion import checkpoint  # noqa: E402
+from guided_diffusion import checkpoint, fileio  # noqa: E402
 from guided_diffusion.script_util import model_and_diffusion_defaults  # noqa: E402
 
 KILLED = os.path.join(os.path.dirname(__file__), "dist_scripts", "train_killed.py")
@@ -137,7 +137,7 @@ def test_sigkill_during_checkpoint_write_keeps_previous_and_resume_is_exact(imag
     names = os.listdir(killed_dir)
     assert checkpoint.complete_steps(str(killed_dir)) == [2]
     assert "model000004.pt" in names and "state000004.pt" not in names  # killed between the files of step 4
-    assert any(n.startswith(".state000004.pt" + checkpoint.TEMPORARY_MARKER) for n in names)
+    assert any(n.startswith(".state000004.pt" + fileio.TEMPORARY_MARKER) for n in names)
     previous = torch.load(killed_dir / "state000002.pt", weights_only=True)
     assert checkpoint.is_training_state(previous) and previous["step"] == 2
 
@@ -145,5 +145,5 @@ def test_sigkill_during_checkpoint_write_keeps_previous_and_resume_is_exact(imag
         resumed = train(images, killed_dir, resume_checkpoint=str(killed_dir), **flags)
     assert resumed.step == 6
     assert checkpoint.complete_steps(str(killed_dir)) == [2, 4, 6]
-    assert not any(checkpoint.TEMPORARY_MARKER in n for n in os.listdir(killed_dir))
+    assert not any(fileio.TEMPORARY_MARKER in n for n in os.listdir(killed_dir))
     assert checkpoint_digests(str(killed_dir), 6) == checkpoint_digests(str(tmp_path / "straight"), 6)

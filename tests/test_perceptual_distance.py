@@ -12,7 +12,7 @@ import torch
 from helpers import save_standin_inception
 from test_analysis import save_standin_feature_network
 
-from guided_diffusion import analysis, evaluation
+from guided_diffusion import evaluation, perceptual
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(TESTS), "scripts"))
@@ -71,5 +71,5 @@ def test_no_network_available_fails_with_one_message_listing_the_options(tmp_pat
         run(tmp_path, "--num_triplets", "2")
     message = str(exit_info.value.code)
     assert message.startswith("perceptual_distance.py: error: no perceptual network is available")
-    assert analysis.lpips_missing("alex") in message and "--network_path FILE" in message
+    assert perceptual.lpips_missing("alex") in message and "--network_path FILE" in message
     assert not os.path.exists(tmp_path / "perceptual_distance.json")

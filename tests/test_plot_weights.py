@@ -1,4 +1,4 @@
-"""scripts/plot_weights.py writes the figures and the COMPAT §1 numbers."""
+"""scripts/plot_weights.py writes the figures and the numbers of docs/compatibility.md, "P2 weighting"."""
 
 import json
 import os

@@ -12,7 +12,7 @@ from helpers import make_diffusion
 from PIL import Image
 from test_analysis import save_standin_feature_network
 
-from guided_diffusion import analysis
+from guided_diffusion import analysis, perceptual
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -46,7 +46,7 @@ class MixtureOracleEps(torch.nn.Module):
 @pytest.fixture(scope="module")
 def feature_network(tmp_path_factory):
     path = save_standin_feature_network(tmp_path_factory.mktemp("network") / "standin.pt")
-    return analysis.load_perceptual_network(network_path=path, batch_size=32)
+    return perceptual.load_perceptual_network(network_path=path, batch_size=32)
 
 
 def test_oracle_reconstructions_drift_from_the_input_as_snr_falls(feature_network):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.checkpoint import TEMPORARY_MARKER
+from guided_diffusion.fileio import TEMPORARY_MARKER
 from guided_diffusion.sampling import (
     PerSampleGenerator,
     SampleFolder,
@@ -219,7 +219,8 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tiny, tmp_path):
     os.makedirs(folder.images_dir)
     stale = os.path.join(folder.images_dir, f".000000.png{TEMPORARY_MARKER}12345")
     open(stale, "wb").close()
-    run(tiny, tmp_path / "s", num_samples=2)
+    with pytest.warns(UserWarning, match=r"removing \.000000\.png\.tmp-12345 .*interrupted write"):
+        run(tiny, tmp_path / "s", num_samples=2)
     assert not os.path.exists(stale) and folder.finished_indices() == {0, 1}
 
 

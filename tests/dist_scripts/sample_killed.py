@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import image_sample  # noqa: E402
 from guided_diffusion import sampling  # noqa: E402
-from guided_diffusion.checkpoint import TEMPORARY_MARKER  # noqa: E402
+from guided_diffusion.fileio import TEMPORARY_MARKER  # noqa: E402
 
 
 def main():
@@ -27,7 +27,7 @@ def main():
     def write_png_then_die(path, image, label=None):
         nonlocal written
         if written == kill_after:
-            # Named as checkpoint.atomic_write names its temporary files.
+            # Named as fileio.atomic_write names its temporary files.
             directory, name = os.path.split(path)
             with open(os.path.join(directory, f".{name}{TEMPORARY_MARKER}{os.getpid()}"), "wb") as f:
                 f.write(b"partial")

@@ -1,0 +1,113 @@
+"""Atomic file writing, used by every file this package writes (checkpoints, logs, samples, figures, tables).
+
+`atomic_open` / `atomic_write` write a hidden temporary file beside the target (its name holds `TEMPORARY_MARKER`),
+fsync it and rename it over the target, so a reader, a crash or a SIGKILL only ever leaves the old file or the
+complete new one. A killed write leaves its temporary file behind; `remove_temporaries` deletes such files from a
+folder before a run writes there again, and nothing else.
+"""
+
+import contextlib
+import csv
+import io
+import json
+import os
+import warnings
+
+TEMPORARY_MARKER = ".tmp-"
+
+
+def temporary_path(path):
+    """The hidden temporary file `atomic_write` uses for `path` in this process: .NAME.tmp-PID beside it."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}{TEMPORARY_MARKER}{os.getpid()}")
+
+
+def is_temporary(name):
+    """Whether a file name is one of `atomic_write`'s temporary files."""
+    return name.startswith(".") and TEMPORARY_MARKER in name
+
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """A binary file object for writing `path`; the target is replaced only when the block ends without an error.
+
+    Readers only ever see the old or the complete new content. A blobfile URL (gs://, az://) is uploaded in one
+    piece, which is atomic there.
+    """
+    if "://" in path:
+        import blobfile
+
+        with blobfile.BlobFile(path, "wb") as f:
+            yield f
+        return
+    temporary = temporary_path(path)
+    try:
+        with open(temporary, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    _fsync_directory(os.path.dirname(temporary))
+
+
+def atomic_write(path, write):
+    """Write `path` atomically (see `atomic_open`): `write` is called with a binary file object open for writing."""
+    with atomic_open(path) as f:
+        write(f)
+
+
+def _fsync_directory(directory):
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path, data):
+    """Write bytes `data` to `path` (atomically)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path, text):
+    """Write a str as UTF-8 (atomically)."""
+    write_bytes(path, text.encode())
+
+
+def write_json(path, obj):
+    """Write `obj` as indented JSON (atomically), creating the parent folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv(path, header, rows):
+    """A CSV with `header` and `rows` (sequences of values), atomically; floats written with 10 significant
+    digits, None as an empty cell."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([f"{v:.10g}" if isinstance(v, float) else ("" if v is None else v) for v in row])
+    write_text(path, text.getvalue())
+
+
+def remove_temporaries(directory):
+    """Delete the temporary files that killed `atomic_write`s left in `directory` (not recursive), with a warning
+    each; other files, hidden or not, are kept. Call it on one rank, before any rank writes there.
+
+    :return: the names removed.
+    """
+    if not os.path.isdir(directory):
+        return []
+    removed = sorted(name for name in os.listdir(directory) if is_temporary(name))
+    for name in removed:
+        warnings.warn(f"removing {name} from {directory}: a temporary file of an interrupted write", stacklevel=2)
+        os.remove(os.path.join(directory, name))
+    return removed
