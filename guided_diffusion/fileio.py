@@ -8,6 +8,7 @@ folder before a run writes there again, and nothing else.
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -111,3 +112,12 @@ def remove_temporaries(directory):
         warnings.warn(f"removing {name} from {directory}: a temporary file of an interrupted write", stacklevel=2)
         os.remove(os.path.join(directory, name))
     return removed
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

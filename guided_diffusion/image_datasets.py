@@ -10,6 +10,8 @@ generators seeded by those numbers, never from global RNG state, so the stream d
 Deliberate differences from the reference loader (which only calls `convert("RGB")`): transparent pixels
 (RGBA, LA, palette or tRNS transparency) are composited on white instead of showing their hidden colour, and 16-bit
 grayscale is scaled to 8 bits (v / 257) instead of being clipped at 255. Opaque 8-bit images decode identically.
+The listing leaves out hidden files and folders and macOS `__MACOSX` folders, which the reference would try to decode.
+The FID reference images of a folder or zip (evaluation.py) are listed and decoded by this same code.
 """
 
 import io
@@ -32,6 +34,7 @@ RANDOM_CROP_MIN_FRACTION = 0.8          # random_crop: the crop covers at least 
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 SIXTEEN_BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # "I": how some Pillow versions open 16-bit PNGs
 _SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1  # keep the two kinds of seeded generators from ever sharing a seed
+MACOS_RESOURCE_FOLDER = "__MACOSX"
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)   # earliest time a zip header holds; fixed so written zips are reproducible
 
 
@@ -284,8 +287,17 @@ def has_image_extension(name):
     return "." in name and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
 
 
+def is_listed_entry(entry):
+    """Whether a folder or file name is looked into at all: hidden entries (".DS_Store", macOS "._x.png"
+    companions) and macOS resource-fork folders (`__MACOSX`) hold no images and are left out."""
+    return not entry.startswith(".") and entry != MACOS_RESOURCE_FOLDER
+
+
 class FolderSource:
-    """Images under a folder (local path or blobfile URL); names are full paths in recursive sorted order."""
+    """Images under a folder (local path or blobfile URL); names are full paths in recursive sorted order.
+
+    Listed: regular files with an image extension (IMAGE_EXTENSIONS), outside hidden and `__MACOSX` folders.
+    """
 
     def __init__(self, path):
         self.path = path
@@ -294,10 +306,12 @@ class FolderSource:
     def _list(self, folder):
         names = []
         for entry in sorted(bf.listdir(folder)):
+            if not is_listed_entry(entry):
+                continue
             full_path = bf.join(folder, entry)
             if bf.isdir(full_path):
                 names.extend(self._list(full_path))
-            elif has_image_extension(entry):
+            elif has_image_extension(entry) and _is_regular_file(full_path):
                 names.append(full_path)
         return names
 
@@ -310,7 +324,7 @@ class ZipSource:
     """Images inside a zip, in the order a folder holding the same tree would list them.
 
     The archive is opened lazily once per process, so forked DataLoader workers never share a file offset.
-    macOS resource-fork entries (`__MACOSX/`) are not images and are left out.
+    Listed as `FolderSource` lists: members with an image extension, no path component hidden or `__MACOSX`.
     """
 
     def __init__(self, path):
@@ -322,7 +336,8 @@ class ZipSource:
         except zipfile.BadZipFile as e:
             raise ValueError(f"data_dir {path!r} is not a readable zip file ({e})") from None
         images = [
-            m for m in members if not m.endswith("/") and has_image_extension(m) and not m.startswith("__MACOSX/")
+            m for m in members
+            if not m.endswith("/") and has_image_extension(m) and all(map(is_listed_entry, m.split("/")))
         ]
         # Sorting by path components equals listing each directory sorted and descending in place.
         self.names = sorted(images, key=lambda m: m.split("/"))
@@ -334,6 +349,11 @@ class ZipSource:
 
     def __getstate__(self):
         return {**self.__dict__, "_archive": None, "_archive_pid": None}
+
+
+def _is_regular_file(path):
+    # A FIFO, socket or dangling link with an image name is no image (and reading a FIFO would block).
+    return "://" in path or os.path.isfile(path)
 
 
 def class_labels(names):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import evaluation
+from . import evaluation, inception
 from .analysis import AnalysisError, to_model_range
 
 NETWORK_CHOICES = ("auto", "lpips", "inception")
@@ -119,10 +119,10 @@ def load_perceptual_network(network="auto", network_path=None, inception_path=No
     """The perceptual distance to use: an object with `kind`, `name` and `distances(anchors, *others)`.
 
     :param network: "lpips", "inception" (the FID Inception pool features after clean-fid's resize, see
-        evaluation.load_feature_network) or "auto": LPIPS where it is available without a download, else the
+        inception.load_feature_network) or "auto": LPIPS where it is available without a download, else the
         Inception features.
     :param network_path: a TorchScript feature network (see `torchscript_features`); replaces `network`.
-    :param inception_path: passed to evaluation.load_feature_network.
+    :param inception_path: passed to inception.load_feature_network.
     """
     if network not in NETWORK_CHOICES:
         raise AnalysisError(f"--network {network!r} is not one of {', '.join(NETWORK_CHOICES)}")
@@ -137,8 +137,8 @@ def load_perceptual_network(network="auto", network_path=None, inception_path=No
             raise AnalysisError(lpips_problem)
         return LpipsDistance(lpips_net, device, batch_size)
     try:
-        inception = evaluation.load_feature_network("clean", inception_path, device)
-    except evaluation.EvaluationError as err:
+        inception_network = inception.load_feature_network("clean", inception_path, device)
+    except inception.EvaluationError as err:
         if network == "inception":
             raise AnalysisError(str(err)) from None
         raise AnalysisError(
@@ -149,6 +149,6 @@ def load_perceptual_network(network="auto", network_path=None, inception_path=No
         ) from None
 
     def features(images):
-        return evaluation.image_features(images, inception, batch_size, device=device, description="Inception")
+        return evaluation.image_features(images, inception_network, batch_size, device=device, description="Inception")
 
-    return FeatureDistance(features, "inception", f"FID Inception pool features, {inception.name}")
+    return FeatureDistance(features, "inception", f"FID Inception pool features, {inception_network.name}")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import evaluation
+from . import evaluation, inception
 from .sampling import SamplingOptions, generate_batch, plan_batches
 
 EVAL_SEED = 0  # the same noise at every evaluation
@@ -72,7 +72,7 @@ class TrainingEvaluator:
         self.device = device
         self.rank = rank
         self.world_size = world_size
-        self.network = evaluation.load_feature_network(mode, inception_path or None, device) if rank == 0 else None
+        self.network = inception.load_feature_network(mode, inception_path or None, device) if rank == 0 else None
 
     def __call__(self, model):
         """Scores of `model` (eval mode, on the device): {"fid", "kid", "kid_x1e3", "eval_samples"} on rank 0,

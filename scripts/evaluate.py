@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import evaluation  # noqa: E402
+from guided_diffusion import evaluation, inception  # noqa: E402
 
 
 def create_argparser():
@@ -29,7 +29,7 @@ def create_argparser():
     parser.add_argument("reference", help="folder/zip of images, sample-style npz, statistics npz, or name:res:split")
     parser.add_argument("--metrics", default="fid,kid", help="comma-separated: fid, kid")
     parser.add_argument("--out", default=None, help="results JSON (default: <samples>_metrics.json beside them)")
-    parser.add_argument("--mode", default="clean", choices=evaluation.MODES, help="clean-fid preprocessing mode")
+    parser.add_argument("--mode", default="clean", choices=inception.MODES, help="clean-fid preprocessing mode")
     parser.add_argument("--batch_size", type=int, default=64, help="images per feature-network batch")
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="image loading workers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
@@ -63,7 +63,7 @@ def format_table(results):
 def main(argv=None):
     args = create_argparser().parse_args(argv)
     try:
-        network = evaluation.load_feature_network(args.mode, args.inception_path, args.device)
+        network = inception.load_feature_network(args.mode, args.inception_path, args.device)
         results = evaluation.evaluate(
             args.samples,
             args.reference,

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-from guided_diffusion import dist_util, evaluation  # noqa: E402
+from guided_diffusion import dist_util, evaluation, inception  # noqa: E402
 from guided_diffusion.plotting import save_figure  # noqa: E402
 from guided_diffusion.analysis import AnalysisError, CountingNetwork  # noqa: E402
 from guided_diffusion.fileio import write_csv, write_json, write_text  # noqa: E402
@@ -127,7 +127,7 @@ def plot(rows, path):
 
 def run(args):
     check_args(args)
-    network = evaluation.load_feature_network(args.mode, args.inception_path or None, str(dist_util.dev()))
+    network = inception.load_feature_network(args.mode, args.inception_path or None, str(dist_util.dev()))
     os.makedirs(args.out_dir, exist_ok=True)
     rows = [sample_schedule(args, schedule, network) for schedule in args.schedules]
     table = markdown_table(rows)

