@@ -34,7 +34,7 @@ from guided_diffusion.analysis import AnalysisError, CountingNetwork  # noqa: E4
 from guided_diffusion.fileio import write_csv, write_json, write_text  # noqa: E402
 from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args  # noqa: E402,E501
 from guided_diffusion.respace import space_timesteps  # noqa: E402
-from guided_diffusion.sampling import SamplingOptions, sample_to_folder  # noqa: E402
+from guided_diffusion.sampling import SamplingOptions, generate_batch, sample_to_folder  # noqa: E402
 
 TABLE_COLUMNS = ("schedule", "sampler", "steps", "network_evaluations_per_image", "num_samples", "fid", "kid_x1e3")
 
@@ -78,24 +78,29 @@ def sample_schedule(args, schedule, network):
     schedule_args = copy.copy(args)
     schedule_args.timestep_respacing = schedule
     model, diffusion, identity = load_model_and_diffusion(schedule_args)
-    counting = CountingNetwork(model)
     options = SamplingOptions(image_size=args.image_size, class_cond=args.class_cond, use_ddim=args.use_ddim,
                               ddim_eta=args.ddim_eta, clip_denoised=args.clip_denoised, precision=args.precision,
                               seed=args.seed)
     sampler = "ddim" if args.use_ddim else "ancestral"
     folder = f"samples_{schedule.replace(',', '-')}" + ("_ddim" if args.use_ddim else "")
     sample_dir = os.path.join(args.out_dir, folder)
-    result = sample_to_folder(counting, diffusion, options, num_samples=args.num_samples, batch_size=args.batch_size,
+    result = sample_to_folder(model, diffusion, options, num_samples=args.num_samples, batch_size=args.batch_size,
                               sample_dir=sample_dir, identity=identity, device=dist_util.dev())
     metrics = evaluation.evaluate(result.npz_path, args.reference, network, metrics=args.metrics,
                                   cache_dir=args.cache_dir, batch_size=args.batch_size, device=str(dist_util.dev()))
     evaluation.save_results_json(metrics, os.path.splitext(result.npz_path)[0] + "_metrics.json")
-    # Counted where this run generated samples; a folder finished earlier is only evaluated.
-    counted = counting.rows / result.num_generated if result.num_generated else None
     return dict(schedule=schedule, sampler=sampler, steps=result.steps_per_sample,
-                network_evaluations_per_image=counted, num_samples=result.num_samples, fid=metrics["fid"],
+                network_evaluations_per_image=network_evaluations_per_image(model, diffusion, options), num_samples=result.num_samples, fid=metrics["fid"],
                 kid=metrics["kid"], kid_x1e3=metrics["kid_x1e3"], samples=result.npz_path,
                 feature_network=metrics["feature_network"])
+
+
+def network_evaluations_per_image(model, diffusion, options):
+    """Network calls per image of the sampler, counted: sample 0 is generated again (in memory) through a wrapper
+    that counts the images each call evaluates. Ancestral and DDIM sampling make one call per respaced step."""
+    counting = CountingNetwork(model)
+    generate_batch(counting, diffusion, [0], options, dist_util.dev())
+    return counting.rows
 
 
 def markdown_table(rows):

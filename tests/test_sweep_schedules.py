@@ -13,12 +13,13 @@ from helpers import save_standin_inception
 from PIL import Image
 
 from guided_diffusion.analysis import ImageSet
+from guided_diffusion.sampling import SamplingOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import sweep_schedules  # noqa: E402
-from sample_tiny_model import TINY_MODEL_FLAGS, save_tiny_checkpoint  # noqa: E402
+from sample_tiny_model import TINY_MODEL_FLAGS, save_tiny_checkpoint, tiny_model_and_diffusion  # noqa: E402
 
 
 def test_sweep_samples_evaluates_and_tabulates_each_schedule(tmp_path, capsys):
@@ -58,8 +59,16 @@ def test_sweep_samples_evaluates_and_tabulates_each_schedule(tmp_path, capsys):
 
     # A rerun finds every sample on disk: nothing is generated, the numbers are the same.
     again = sweep_schedules.main(argv)
-    assert [row["network_evaluations_per_image"] for row in again] == [None, None]
+    assert [row["network_evaluations_per_image"] for row in again] == [10, 7]
     assert [row["fid"] for row in again] == [row["fid"] for row in rows]
+
+
+@pytest.mark.parametrize("use_ddim", [False, True])
+def test_network_evaluations_are_counted_calls_one_per_respaced_step(use_ddim):
+    for schedule, steps in (("10", 10), ("4,2,1", 7), ("ddim5", 5)):
+        model, diffusion = tiny_model_and_diffusion(diffusion_steps=50, timestep_respacing=schedule)
+        options = SamplingOptions(image_size=16, use_ddim=use_ddim)
+        assert sweep_schedules.network_evaluations_per_image(model, diffusion, options) == steps
 
 
 def test_a_bad_schedule_fails_before_sampling(tmp_path):
