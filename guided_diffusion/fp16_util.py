@@ -1,9 +1,11 @@
-"""Half-precision conversion of the U-Net's convolutions (ADM's `use_fp16`, COMPAT §6 "fp16")."""
+"""Half-precision conversion of the U-Net's convolutions (ADM's `use_fp16`; docs/compatibility.md, "U-Net and
+checkpoint layout")."""
 
 import torch
 import torch.nn as nn
 
-_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The U-Net's convolutions: 2-D for images, 1-D (kernel 1) for the attention's qkv and proj_out.
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 
 
 def convert_module_to_f16(module):

@@ -21,7 +21,7 @@ from .script_util import (
     model_and_diffusion_defaults,
     read_config_file,
 )
-from .unet import load_state_dict_checked
+from .state_dict_check import load_state_dict_checked
 
 
 def checkpoint_parser(description, defaults):

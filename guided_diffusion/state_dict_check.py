@@ -1,0 +1,165 @@
+"""Checking a U-Net state_dict against the model built from the flags, and explaining a mismatch by the flag that
+would cause it (docs/compatibility.md, "U-Net and checkpoint layout")."""
+
+import re
+
+import torch
+
+
+class CheckpointMismatchError(ValueError):
+    """A state_dict whose keys or shapes do not fit the U-Net built from the current flags."""
+
+
+def load_state_dict_checked(model, state_dict, source_name):
+    """Load a U-Net state_dict with strict=True, explaining any mismatch by the flag that would cause it.
+
+    Parameter shapes cannot reveal the number of attention heads (num_heads / num_head_channels): a
+    checkpoint trained with other heads loads and gives different outputs, so those flags must match by hand.
+
+    :param model: a UNetModel.
+    :param state_dict: mapping of parameter names to tensors (e.g. torch.load(path, weights_only=True)).
+    :param source_name: where the state_dict came from (a path), for the message.
+    :raises CheckpointMismatchError: naming each differing key (a few per cause) and the flag to check.
+    """
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointMismatchError(
+                f"{source_name} is not a U-Net state_dict: key {key!r} holds a {type(value).__name__}, not a "
+                "tensor (is it a full training checkpoint? pass the model weights it contains)"
+            )
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in state_dict.items()}
+    mismatches = describe_mismatches(expected, found)
+    if mismatches:
+        raise CheckpointMismatchError(_format_mismatches(source_name, mismatches))
+    model.load_state_dict(state_dict, strict=True)
+
+
+_EXAMPLES_PER_KIND = 2
+# input_blocks.3.0.in_layers.0.weight -> block "input_blocks.3", layer 0, part "in_layers"
+_BLOCK_KEY = re.compile(r"^(input_blocks\.\d+|output_blocks\.\d+|middle_block)\.(\d+)\.(\w+)")
+_RESBLOCK_PARTS = {"in_layers", "emb_layers", "out_layers", "skip_connection"}
+_CHANNELS_CAUSE = "check --num_channels / --channel_mult: channel counts differ"
+_UNKNOWN_CAUSE = "no flag explains these keys: is the file a P2 / ADM / improved-diffusion U-Net checkpoint?"
+
+
+def describe_mismatches(expected, found):
+    """Compare parameter shapes of the model (`expected`) and a checkpoint (`found`), both {key: shape tuple}.
+
+    :return: list of (cause naming the flag to check, key, kind of difference, what differs); empty when the
+        checkpoint fits. Kinds: "missing", "unexpected", "misshaped", "structure".
+    """
+    if found and all(key.startswith("module.") for key in found):
+        cause = "keys carry a 'module.' prefix (saved from a DistributedDataParallel wrapper): strip it"
+        return [(cause, next(iter(found)), "structure", "prefixed key")]
+    mismatches = []
+    model_blocks, file_blocks = _input_block_count(expected), _input_block_count(found)
+    if model_blocks != file_blocks:
+        cause = (
+            "check --num_res_blocks / --channel_mult (or --image_size, which picks the default channel_mult): "
+            "the number of blocks differs"
+        )
+        difference = f"the checkpoint has {file_blocks} input blocks, this model {model_blocks}"
+        mismatches.append((cause, "input_blocks", "structure", difference))
+    layouts = (_block_layouts(expected), _block_layouts(found))
+    for key in list(expected) + [key for key in found if key not in expected]:
+        model_shape, file_shape = expected.get(key), found.get(key)
+        if model_shape == file_shape or (model_blocks != file_blocks and _BLOCK_KEY.match(key)):
+            continue
+        cause = _cause(key, model_shape, file_shape, expected, found, *layouts)
+        mismatches.append((cause, key, *_difference(model_shape, file_shape)))
+    return mismatches
+
+
+def _input_block_count(shapes):
+    # The last input block is always a ResBlock, so its index is present even when resamplers have no weights.
+    indices = [int(key.split(".")[1]) for key in shapes if key.startswith("input_blocks.")]
+    return max(indices) + 1 if indices else 0
+
+
+def _block_layouts(shapes):
+    """{block such as 'output_blocks.3': {layer index: 'ResBlock' | 'attention' | 'resampler' | 'conv'}}."""
+    parts = {}
+    for key in shapes:
+        match = _BLOCK_KEY.match(key)
+        if match:
+            block, layer, part = match.groups()
+            parts.setdefault(block, {}).setdefault(int(layer), set()).add(part)
+    return {block: {layer: _layer_kind(names) for layer, names in layers.items()} for block, layers in parts.items()}
+
+
+def _layer_kind(part_names):
+    if part_names & _RESBLOCK_PARTS:
+        return "ResBlock"
+    if "qkv" in part_names:
+        return "attention"
+    if part_names & {"op", "conv"}:
+        return "resampler"
+    return "conv"
+
+
+def _cause(key, model_shape, file_shape, expected, found, model_layouts, file_layouts):
+    if key.startswith("label_emb."):
+        if model_shape is None:
+            return "check --class_cond: the checkpoint is class-conditional; set --class_cond True"
+        if file_shape is None:
+            return "check --class_cond: the checkpoint is unconditional; set --class_cond False"
+        return "check --class_cond: the number of classes differs"
+    match = _BLOCK_KEY.match(key)
+    if match:
+        model_layout, file_layout = model_layouts.get(match.group(1), {}), file_layouts.get(match.group(1), {})
+        if model_layout != file_layout:
+            return _layout_cause(model_layout, file_layout)
+    if model_shape and file_shape and model_shape[1:] == file_shape[1:]:
+        if key.startswith("out.2."):
+            return (
+                f"check --learn_sigma: the checkpoint outputs {file_shape[0]} channels, this model "
+                f"{model_shape[0]} (learn_sigma doubles them to add the variance output)"
+            )
+        out_norm_key = key.split(".emb_layers.1.")[0] + ".out_layers.0.weight"
+        if ".emb_layers.1." in key and expected.get(out_norm_key) == found.get(out_norm_key):
+            needed = file_shape[0] > model_shape[0]
+            verb = "uses" if needed else "has no"
+            return f"check --use_scale_shift_norm: the checkpoint {verb} AdaGN; set it {needed}"
+    if (model_shape and file_shape) or ".skip_connection." in key:
+        return _CHANNELS_CAUSE
+    return _UNKNOWN_CAUSE
+
+
+def _layout_cause(model_layout, file_layout):
+    """Why one U-Net block holds different layers in the model and in the checkpoint."""
+    model_kinds, file_kinds = list(model_layout.values()), list(file_layout.values())
+    if model_kinds.count("attention") != file_kinds.count("attention"):
+        return (
+            "check --attention_resolutions: attention follows different blocks (pixel sizes such as 16,8; "
+            "'none' = bottleneck only)"
+        )
+    if ("resampler" in model_kinds) != ("resampler" in file_kinds):
+        needed = "resampler" not in file_kinds
+        kind = "BigGAN ResBlocks" if needed else "plain conv resamplers"
+        return f"check --resblock_updown: the checkpoint uses {kind} to up/downsample; set --resblock_updown {needed}"
+    return _UNKNOWN_CAUSE
+
+
+def _difference(model_shape, file_shape):
+    """(kind, text) of one key's difference."""
+    if file_shape is None:
+        return "missing", f"missing from the checkpoint (this model has shape {model_shape})"
+    if model_shape is None:
+        return "unexpected", f"not in this model (checkpoint shape {file_shape})"
+    return "misshaped", f"checkpoint shape {file_shape}, this model {model_shape}"
+
+
+def _format_mismatches(source_name, mismatches):
+    # Per cause, a few keys of each kind (missing, unexpected, misshaped), so both sides of a swap show.
+    examples = {}
+    for cause, key, kind, difference in mismatches:
+        examples.setdefault(cause, {}).setdefault(kind, []).append(f"{key}: {difference}")
+    lines = [f"{source_name} does not fit the U-Net built from the current flags:"]
+    for cause, by_kind in examples.items():
+        lines.append(f"  {cause}")
+        for entries in by_kind.values():
+            lines.extend(f"    {entry}" for entry in entries[:_EXAMPLES_PER_KIND])
+            if len(entries) > _EXAMPLES_PER_KIND:
+                lines.append(f"    ... and {len(entries) - _EXAMPLES_PER_KIND} more like it")
+    return "\n".join(lines)
