@@ -13,8 +13,8 @@ from guided_diffusion.logger import Logger
 from guided_diffusion.precision import network_at_precision, sampling_autograd_mode
 from guided_diffusion.sampling import PerSampleGenerator
 from guided_diffusion.script_util import create_model_and_diffusion
+from guided_diffusion.speed_options import apply_speed_options
 from guided_diffusion.train_util import TrainLoop, seed_everything
-from guided_diffusion.unet import apply_speed_options
 
 from .settings import model_flags, train_loop_arguments
 from .timing import timed

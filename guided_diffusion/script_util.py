@@ -7,7 +7,6 @@ reference is defective: `p2_gamma`/`p2_k` are floats, and `--sigma_small` makes 
 import argparse
 import os
 
-import torch
 import yaml
 
 from . import gaussian_diffusion as gd
@@ -217,18 +216,6 @@ def str2bool(v):
     if v.lower() in ("no", "false", "f", "n", "0"):
         return False
     raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
-
-
-def resolve_channels_last(value, device):
-    """The --channels_last flag for `device`: true/false (any str2bool spelling), or "auto": NHWC convolutions on a
-    CPU, where they measured faster for training and sampling (README "Performance"), and the plain NCHW layout
-    on other devices, where it has not been measured yet."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return torch.device(device).type == "cpu"
-    try:
-        return str2bool(value)
-    except argparse.ArgumentTypeError:
-        raise ValueError(f"--channels_last must be auto, true or false; got {value!r}") from None
 
 
 def add_dict_to_argparser(parser, default_dict):

@@ -28,8 +28,7 @@ from guided_diffusion.model_loading import (  # noqa: E402
     parse_checkpoint_args,
 )
 from guided_diffusion.sampling import SamplingArgumentError, SamplingOptions, sample_to_folder  # noqa: E402
-from guided_diffusion.script_util import resolve_channels_last  # noqa: E402
-from guided_diffusion.unet import apply_speed_options  # noqa: E402
+from guided_diffusion.speed_options import apply_speed_options  # noqa: E402
 
 
 def sample_defaults():
@@ -108,8 +107,8 @@ def sample_with_flags(argv):
         model, diffusion, identity = load_model_and_diffusion(args)
         # Float rounding only: like --batch_size, these may move a rare pixel by one level, so they are not
         # part of the folder's identity.
-        channels_last = resolve_channels_last(args.channels_last, dist_util.dev())
-        apply_speed_options(model, compile=args.compile, channels_last=channels_last)
+        apply_speed_options(model, compile=args.compile, channels_last=args.channels_last, fold_upsample="auto",
+                            device=dist_util.dev(), batch_size=args.batch_size)
     except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
         # Bad flags, config or checkpoint: a message naming them, not a traceback.
         sys.exit(f"image_sample.py: error: {e}")

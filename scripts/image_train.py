@@ -32,11 +32,10 @@ from guided_diffusion.script_util import (  # noqa: E402
     diffusion_defaults,
     model_and_diffusion_defaults,
     parse_args_with_config,
-    resolve_channels_last,
 )
 from guided_diffusion.train_eval import TrainingEvaluator, eval_defaults, sampling_options  # noqa: E402
 from guided_diffusion.train_util import TrainLoop, resolve_precision, seed_everything  # noqa: E402
-from guided_diffusion.unet import apply_speed_options  # noqa: E402
+from guided_diffusion.speed_options import apply_speed_options  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yaml")
@@ -141,8 +140,9 @@ def build(args):
 
     seed_everything(args.seed)  # the same initial weights on every rank
     model, diffusion = create_model_and_diffusion(**{k: config[k] for k in model_and_diffusion_defaults()})
-    channels_last = resolve_channels_last(args.channels_last, dist_util.dev())
-    apply_speed_options(model, compile=args.compile, channels_last=channels_last)
+    apply_speed_options(model, compile=args.compile, channels_last=args.channels_last, fold_upsample="auto",
+                        device=dist_util.dev(), batch_size=args.microbatch if args.microbatch > 0 else args.batch_size,
+                        training=True, log=logger.info)
     # Each rank draws its own timesteps and noise.
     seed_everything(int(np.random.SeedSequence([args.seed, rank]).generate_state(1)[0]))
     data = load_data(

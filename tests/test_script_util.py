@@ -114,12 +114,3 @@ def test_config_missing_file_and_bad_values(tmp_path):
     bad.write_text("num_channels: many\n")
     with pytest.raises(ValueError, match="num_channels"):
         su.parse_args_with_config(su.model_and_diffusion_defaults(), ["--config", str(bad)])
-
-
-def test_channels_last_auto_means_nhwc_on_a_cpu_only():
-    assert su.resolve_channels_last("auto", "cpu") is True
-    assert su.resolve_channels_last("AUTO", "cuda:0") is False
-    assert su.resolve_channels_last("false", "cpu") is False and su.resolve_channels_last("yes", "cuda") is True
-    assert su.resolve_channels_last(True, "cuda") is True  # a YAML boolean
-    with pytest.raises(ValueError, match="--channels_last must be auto, true or false; got 'sometimes'"):
-        su.resolve_channels_last("sometimes", "cpu")
