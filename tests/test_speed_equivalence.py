@@ -1,5 +1,5 @@
-"""Speed options give the results of the plain path: loss and gradients (channels_last, torch.compile), the
-optimizer and EMA kernels, and inference-mode sampling (issue 8)."""
+"""Speed options give the results of the plain path: the fused kernels, loss and gradients under every layout and
+fold choice and torch.compile, the optimizer kernels, and inference-mode sampling (bit-identical to no_grad)."""
 
 import copy
 
@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guided_diffusion import unet
-from guided_diffusion.nn import group_norm_op, group_norm_silu, normalization
+from guided_diffusion.fused import add_upsampled, group_norm_op, group_norm_silu, upsample_conv3x3
+from guided_diffusion.nn import normalization
 from guided_diffusion.sampling import SamplingOptions, generate_batch, quantize_to_uint8
+from guided_diffusion.speed_options import apply_speed_options
 from guided_diffusion.train_util import _fast_adamw, match_state_layout
-from guided_diffusion.unet import ResBlock, add_upsampled, apply_speed_options, fold_pays, upsample_conv3x3
+from guided_diffusion.unet import ResBlock, upsampling_layers
 
 from sample_tiny_model import perturb_, save_tiny_checkpoint, tiny_flags, tiny_model_and_diffusion  # noqa: E402
 from train_fixtures import train, train_argv  # noqa: E402
@@ -25,8 +26,9 @@ TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
 @pytest.fixture(scope="module")
 def plain():
+    """The reference's computation: NCHW, every upsampling materialised before its conv."""
     model, diffusion = tiny_model_and_diffusion(**P2_LIKE)
-    return perturb_(model), diffusion
+    return apply_speed_options(perturb_(model), channels_last=False, fold_upsample=False), diffusion
 
 
 def batch(diffusion, size=4):
@@ -95,9 +97,8 @@ def test_broadcast_add_of_the_upsampled_skip_equals_the_materialised_sum(channel
 
 
 @pytest.mark.parametrize("out_channels", [32, 64])
-def test_up_resblock_equals_its_unfolded_form(out_channels, monkeypatch):
+def test_up_resblock_equals_its_unfolded_form(out_channels):
     # The unfolded form is the reference's: upsample h and x, 3x3 conv, ..., skip(x_up) + h.
-    monkeypatch.setattr(unet, "FOLD_MIN_SIDE", 4)
     block = perturb_(ResBlock(32, 16, 0.0, out_channels=out_channels, use_scale_shift_norm=True, up=True))
     unfolded = copy.deepcopy(block)
     unfolded.fold_upsample = False
@@ -115,17 +116,13 @@ def test_up_resblock_equals_its_unfolded_form(out_channels, monkeypatch):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * scale)
 
 
-def test_the_fold_is_used_from_its_minimum_side_up():
-    side = unet.FOLD_MIN_SIDE
-    assert fold_pays(torch.empty(1, 1, side, side)) and fold_pays(torch.empty(1, 1, side, 2 * side))
-    assert not fold_pays(torch.empty(1, 1, side - 1, 2 * side))
-
-
-def test_channels_last_gives_the_plain_loss_and_gradients(plain):
-    fast = apply_speed_options(copy.deepcopy(plain[0]), channels_last=True)
-    assert fast.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("channels_last, fold_upsample", [(True, False), (False, True), (True, True)])
+def test_every_layout_and_fold_choice_gives_the_plain_loss_and_gradients(plain, channels_last, fold_upsample):
+    fast = apply_speed_options(copy.deepcopy(plain[0]), channels_last=channels_last, fold_upsample=fold_upsample)
+    assert fast.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert {layer.fold_upsample for layer in upsampling_layers(fast).values()} == {fold_upsample}
     assert_same_training_signal(plain, fast)
-    assert fast.state_dict().keys() == plain[0].state_dict().keys()
+    assert list(fast.state_dict()) == list(plain[0].state_dict())
 
 
 def test_compiled_model_gives_the_plain_loss_gradients_and_keys(plain):
@@ -139,7 +136,9 @@ def test_fast_adamw_steps_like_the_per_parameter_loop(plain):
     model = plain[0]
     _, grads = loss_and_gradients(model, plain[1])
     results = []
-    for options in ({"foreach": False}, _fast_adamw(torch.device("cpu"))):
+    fast_options = _fast_adamw(torch.device("cpu"))
+    assert fast_options != {"foreach": False}  # else the loop would compare the per-parameter loop with itself
+    for options in ({"foreach": False}, fast_options):
         params = [p.detach().clone().requires_grad_() for p in model.parameters()]
         for p, g in zip(params, grads.values()):
             p.grad = g.clone()
@@ -177,18 +176,6 @@ def test_optimizer_state_from_another_layout_resumes_correctly(saved_channels_la
 
     expected = two_steps(torch.contiguous_format, torch.contiguous_format, fused=False)
     torch.testing.assert_close(two_steps(saved_layout, resumed_layout, fused=True), expected, rtol=1e-6, atol=1e-7)
-
-
-def test_foreach_lerp_is_the_ema_formula():
-    # TrainLoop._update_ema: θ_e <- r·θ_e + (1 - r)·θ (COMPAT §7) through one torch._foreach_lerp_ call.
-    generator = torch.Generator().manual_seed(0)
-    params = [torch.randn(shape, generator=generator) for shape in ((3, 4), (5,), (2, 2, 3, 3))]
-    ema = [torch.randn(p.shape, generator=generator) for p in params]
-    rate = 0.9999
-    expected = [rate * e + (1 - rate) * p for e, p in zip(ema, params)]
-    torch._foreach_lerp_(ema, params, 1.0 - rate)
-    for got, want in zip(ema, expected):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_inference_mode_sampling_equals_no_grad_sampling():
@@ -241,7 +228,7 @@ def test_image_sample_channels_last_gives_the_plain_samples(tmp_path):
 
     checkpoint = save_tiny_checkpoint(str(tmp_path / "ema_0.9999_000010.pt"))
     pixels = []
-    for name, flags in (("plain", []), ("fast", ["--channels_last", "True"])):
+    for name, flags in (("plain", ["--channels_last", "False"]), ("fast", ["--channels_last", "True"])):
         argv = tiny_flags(timestep_respacing="5") + ["--model_path", checkpoint, "--num_samples", "3"]
         result = image_sample.main(argv + ["--sample_dir", str(tmp_path / name), *flags])
         with np.load(result.npz_path) as npz:
@@ -342,4 +329,7 @@ def test_fused_group_norm_silu_runs_in_float32_for_low_precision_inputs(dtype):
     x = torch.randn(2, 32, 4, 4)
     out = group_norm_silu(x.to(dtype), norm)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), F.silu(norm(x.to(dtype).float())), rtol=1e-2, atol=1e-2)
+    # Computed in float32 and rounded once: within one rounding step of the float32 result (a norm computed in
+    # the low precision is off by many).
+    expected = F.silu(norm(x.to(dtype).float()))
+    torch.testing.assert_close(out.float(), expected, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).tiny)

@@ -1,5 +1,5 @@
-"""The ADM U-Net: the reference's parameter counts and keys (COMPAT §6), attention maths, checkpointing,
-precision modes and checkpoint loading."""
+"""The ADM U-Net: the reference's parameter counts and keys (docs/compatibility.md, "U-Net and checkpoint layout"),
+attention maths, checkpointing, precision modes and checkpoint loading."""
 
 import json
 import math
@@ -10,18 +10,13 @@ import torch
 import torch.utils.checkpoint
 
 from guided_diffusion.script_util import create_model
-from guided_diffusion.unet import (
-    AttentionBlock,
-    CheckpointMismatchError,
-    UNetModel,
-    load_state_dict_checked,
-    qkv_attention,
-)
+from guided_diffusion.state_dict_check import CheckpointMismatchError, load_state_dict_checked
+from guided_diffusion.unet import AttentionBlock, qkv_attention
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES_JSON = os.path.join(REPO_ROOT, "..", "shared", "spec", "p2_unet_state_dict_shapes.json")
+# Keys, shapes, entry and parameter counts of the reference's state_dict for P2_FLAGS.
+SHAPES_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "p2_unet_state_dict_shapes.json")
 
-# The P2 README's model flags (COMPAT §5).
+# The P2 README's model flags (docs/compatibility.md, "Command-line flags").
 P2_FLAGS = dict(
     image_size=256,
     num_channels=128,
@@ -35,7 +30,7 @@ P2_FLAGS = dict(
 )
 P2_PARAMS = 93_563_910
 
-# COMPAT §6 "Parameter counts (verified)": flags changed from P2_FLAGS, and the count.
+# docs/compatibility.md, "U-Net and checkpoint layout": flags changed from P2_FLAGS, and the parameter count.
 PARAMETER_COUNTS = [
     ({}, P2_PARAMS),
     (dict(resblock_updown=False), 80_649_094),
@@ -49,7 +44,8 @@ PARAMETER_COUNTS = [
     (dict(class_cond=True), P2_PARAMS + 512_000),
 ]
 
-# COMPAT §6: the released ADM and improved-diffusion models (their published flags).
+# The released ADM and improved-diffusion models (their published flags; docs/compatibility.md, "U-Net and
+# checkpoint layout").
 ADM = dict(learn_sigma=True, use_scale_shift_norm=True, attention_resolutions="32,16,8", resblock_updown=True)
 IDDPM = dict(learn_sigma=True, attention_resolutions="16,8", num_heads=4)
 RELEASED_COUNTS = [
@@ -113,7 +109,7 @@ def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-# --- Parameter counts and checkpoint keys (COMPAT §6) ---
+# --- Parameter counts and checkpoint keys ---
 
 
 @pytest.mark.parametrize("overrides, expected", PARAMETER_COUNTS)
@@ -127,8 +123,6 @@ def test_parameter_counts_of_released_adm_and_iddpm_models(flags, expected):
 
 
 def test_state_dict_keys_and_shapes_equal_the_reference():
-    if not os.path.isfile(SHAPES_JSON):
-        pytest.skip(f"reference shapes {SHAPES_JSON} absent (the shared spec folder sits beside the clone in CI)")
     with open(SHAPES_JSON) as f:
         reference = json.load(f)
     state = build_on_meta(**P2_FLAGS).state_dict()
@@ -207,30 +201,11 @@ def test_bad_input_shapes_are_refused():
         model(x[..., :31], t)
     with pytest.raises(ValueError, match="timesteps"):
         model(x, t[:1])
-    with pytest.raises(ValueError, match=r"expected \[N, 3\]"):
+    with pytest.raises(ValueError, match=r"expected \[N, 3, H, W\]"):
         model(x[:, :2], t)
 
 
-@pytest.mark.parametrize("dims, shape", [(1, (2, 3, 16)), (3, (2, 3, 3, 8, 8))])
-def test_1d_and_3d_signals(dims, shape):
-    model = UNetModel(
-        image_size=16,
-        in_channels=3,
-        model_channels=32,
-        out_channels=3,
-        num_res_blocks=1,
-        attention_resolutions=(2,),
-        channel_mult=(1, 2),
-        dims=dims,
-        use_scale_shift_norm=True,
-        resblock_updown=dims == 3,
-    )
-    perturb_(model)
-    out = model(torch.randn(shape), torch.tensor([10, 20]))
-    assert out.shape == shape and torch.isfinite(out).all()
-
-
-# --- Attention (COMPAT §6 "AttentionBlock") ---
+# --- Attention ---
 
 
 def explicit_attention(qkv, num_heads, new_order):
@@ -268,7 +243,7 @@ def test_attention_block_equals_the_reference_computation(new_order):
     torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
 
 
-# --- Gradient checkpointing (COMPAT §12 #9) ---
+# --- Gradient checkpointing (docs/compatibility.md, "Reference defects fixed here") ---
 
 
 def count_checkpoint_calls(monkeypatch):
@@ -309,20 +284,6 @@ def test_no_checkpointing_without_gradients(monkeypatch):
 # --- Precision ---
 
 
-def test_fp16_conversion_touches_only_block_convolutions():
-    model = tiny_model(use_fp16=True, class_cond=True)
-    model.convert_to_fp16()
-    assert model.dtype == torch.float16
-    for name, p in model.named_parameters():
-        module = model.get_submodule(name.rsplit(".", 1)[0])
-        in_blocks = name.startswith(("input_blocks.", "middle_block.", "output_blocks."))
-        is_conv = isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d))
-        assert p.dtype == (torch.float16 if in_blocks and is_conv else torch.float32), name
-    model.convert_to_fp32()
-    assert model.dtype == torch.float32
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-
-
 def test_fp16_model_runs_close_to_fp32():
     reference = perturb_(tiny_model()).eval()
     half = tiny_model(use_fp16=True).eval()
@@ -346,7 +307,10 @@ def test_bf16_autocast_runs_close_to_fp32():
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out = model(x, t, y=y)
     assert out.dtype == torch.float32  # the output head runs in float32
-    assert relative_error(out, expected) < 5e-2
+    # bf16 keeps 8 significant bits (rounding error up to 2^-9 per operation); through this net the output moves
+    # by a few times that. The lower bound shows the blocks did run in bf16; the upper one fails for precision
+    # lost where autocast must not reach, e.g. timesteps rounded to bf16 (777 -> 776) before the embedding.
+    assert 1e-3 < relative_error(out, expected) < 3e-2
     out.square().mean().backward()
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
 
