@@ -2,13 +2,15 @@
 
 Two options change which conv kernels run, and whether they pay depends on the CPU family's kernels (oneDNN picks
 other algorithms on other instruction sets): NHWC memory order (`channels_last`) and nearest ×2 upsampling folded
-into the following 3×3 conv as one stride-2 transposed conv (`fold_upsample`, fused.upsample_conv3x3). Both
-measured faster on an Intel Xeon and no faster on an AMD EPYC. So on a CPU, "auto" times the plain and the
-rewritten form once on the model's real shapes, keeps the plain form unless the other is clearly faster, and
-logs the choice. The timings are cached per (CPU model, torch version, threads, shapes) in
-$XDG_CACHE_HOME/p2-diffusion/speed_options.json (default ~/.cache/...), so that later runs on the machine — a
-resumed training run above all — make the same choice (delete the file to measure again). On other devices
-"auto" means NCHW with the fold on. Every choice computes the same maths up to float rounding.
+into the following 3×3 conv as one stride-2 transposed conv (`fold_upsample`, fused.upsample_conv3x3). NHWC
+measured faster than NCHW on an Intel Xeon and at parity on an AMD EPYC; the fold pays on large inputs and not on
+small ones, from a size that depends on the CPU. So on a CPU, "auto" times the plain and the rewritten form once
+on the model's real shapes (the whole U-Net for the layout, each upsampling layer for the fold), keeps the plain
+form unless the other is clearly faster, and logs the choice. The timings are cached per (CPU model, torch
+version, threads, shapes) in $XDG_CACHE_HOME/p2-diffusion/speed_options.json (default ~/.cache/...), so that
+later runs on the machine — a resumed training run above all — make the same choice (delete the file to measure
+again). On other devices "auto" means NCHW with the fold on. Every choice computes the same maths up to float
+rounding.
 """
 
 import argparse
@@ -75,7 +77,7 @@ def apply_speed_options(
     :param batch_size: images per forward pass, the workload "auto" times.
     :param training: time forward and backward passes (training) or inference-mode forward passes (sampling).
     :param timer: timer(what, choice, run) -> seconds of one call of run(); tests inject a fake one.
-    :param log: called with one line per choice "auto" measured.
+    :param log: called with one line per choice "auto" makes (measured or from the cache), with its timings.
     :return: `model`.
     """
     channels_last = parse_speed_flag(channels_last, "--channels_last")

@@ -167,7 +167,8 @@ def qkv_attention(qkv, num_heads, new_order=False):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over the spatial positions, with a residual connection (docs/compatibility.md, "U-Net and checkpoint layout").
+    """Self-attention over the spatial positions, with a residual connection (docs/compatibility.md, "U-Net and
+    checkpoint layout").
 
     GN -> qkv (Conv1d C -> 3C, kernel 1) -> attention -> proj_out (zero-initialised Conv1d C -> C) -> + x.
     Heads: channels / num_head_channels if num_head_channels != -1, else num_heads.
