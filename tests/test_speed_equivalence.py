@@ -125,6 +125,7 @@ def test_every_layout_and_fold_choice_gives_the_plain_loss_and_gradients(plain, 
     assert list(fast.state_dict()) == list(plain[0].state_dict())
 
 
+@pytest.mark.slow
 def test_compiled_model_gives_the_plain_loss_gradients_and_keys(plain):
     # One test: compiling even a tiny U-Net's forward and backward takes tens of seconds on a CPU.
     fast = apply_speed_options(copy.deepcopy(plain[0]), compile=True)
