@@ -29,7 +29,8 @@ from .unet import upsampling_layers
 # A rewritten form replaces the plain one only when it takes at most this share of the plain form's time: a
 # margin against timing noise, so that at parity the run keeps the reference's computation.
 SWITCH_BELOW = 0.95
-# Timed calls per form, alternating between the forms so that load changes on a shared machine hit both alike.
+# Timed calls per form, alternating between the forms so that load changes on a shared machine hit both alike;
+# each after an untimed call in the same form.
 ROUNDS = 3
 
 _decisions = {}  # cache key -> [seconds with the rewritten form (NHWC, fold), seconds with the plain form]
@@ -248,13 +249,13 @@ class _Measurement:
         if key not in _decisions:
             _decisions.update(_read_cache())
         if key not in _decisions:
-            for choice in (False, True):
-                use(choice)
-                step()  # warm-up: kernel choice and allocations
             times = {False: [], True: []}
             for _ in range(ROUNDS):
                 for choice, measured in times.items():
                     use(choice)
+                    # Untimed: the first steps after a switch of layout run several times slower (kernel choice,
+                    # weight reorders, allocations).
+                    step()
                     measured.append(self.timer(what, choice, step))
             _remember(key, [min(times[True]), min(times[False])])
         with_it, without = _decisions[key]
