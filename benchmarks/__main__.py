@@ -18,6 +18,8 @@ import argparse
 import shlex
 import sys
 
+from guided_diffusion.cli import script_main
+
 from .report import format_comparison, format_markdown, format_sampling_cost, format_table, write_json, write_text
 from .run import BenchmarkPlan, run_benchmark
 from .settings import CONFIGS, EAGER_SETTING, REFERENCE_SETTING
@@ -59,6 +61,7 @@ def settings_from_args(args, parser):
     return [REFERENCE_SETTING, EAGER_SETTING] if args.reference_path else [EAGER_SETTING]
 
 
+@script_main()
 def main(argv=None):
     """Parse `argv` (default: the command line), run the plan, print and write the reports; the result dict."""
     parser = build_parser()
@@ -78,10 +81,7 @@ def main(argv=None):
         reference_path=args.reference_path,
         progress=not args.no_progress,
     )
-    try:
-        plan.check()
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+    plan.check()
     result = run_benchmark(plan)
     command = shlex.join([*COMMAND, *(sys.argv[1:] if argv is None else argv)])
     result["meta"]["command"] = command

@@ -21,6 +21,7 @@ import sys
 from PIL import Image
 from tqdm import tqdm
 
+from guided_diffusion.cli import script_main
 from guided_diffusion.image_datasets import (
     FolderSource,
     ImageSetWriter,
@@ -96,6 +97,7 @@ def prepare_dataset(source_path, dest, size, workers):
     return len(jobs) - len(skipped), skipped
 
 
+@script_main()
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", required=True, help="folder (searched recursively) or .zip of raw images")

@@ -59,7 +59,8 @@ class SamplingOptions:
     """What determines a sample besides the network, the diffusion and its global index."""
 
     image_size: int              # pixels per side
-    class_cond: bool = False     # draw a label per sample (uniform over 0..NUM_CLASSES-1) and pass it as y
+    class_cond: bool = False     # draw a label per sample (uniform over 0..num_classes-1) and pass it as y
+    num_classes: int = NUM_CLASSES  # label_emb rows of the model (the checkpoint's, in image_sample.py)
     use_ddim: bool = False       # DDIM over the respaced steps instead of ancestral sampling
     ddim_eta: float = 0.0        # η of DDIM; 0 = deterministic after x_T
     clip_denoised: bool = True   # clamp x̂₀ to [-1, 1] at each step
@@ -130,7 +131,7 @@ def generate_batch(model, diffusion, indices, options, device):
     model_kwargs = {}
     if options.class_cond:
         # Drawn first from each sample's stream, so a label can be known without running the network.
-        model_kwargs["y"] = generator.randint(0, NUM_CLASSES)
+        model_kwargs["y"] = generator.randint(0, options.num_classes)
     shape = (len(indices), 3, options.image_size, options.image_size)
     loop_kwargs = dict(
         noise=generator.randn(shape),

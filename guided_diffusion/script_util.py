@@ -1,11 +1,14 @@
-"""Defaults, configuration files and factories (ADM flag names; config flows defaults -> YAML -> flags).
+"""Flag defaults, configuration files and factories (ADM flag names).
 
-Every flag of the reference P2/ADM scripts keeps its name and default (COMPAT §5) except where the
-reference is defective: `p2_gamma`/`p2_k` are floats, and `--sigma_small` makes FIXED_SMALL reachable.
+Every script's flags resolve in one order: the defaults here -> a YAML `--config` file (its `base:` chain first)
+-> flags given on the command line (`build_parser` + `parse_args`). Every flag of the reference P2/ADM scripts
+keeps its name and default (docs/compatibility.md, "Command-line flags") except where the reference is defective:
+`p2_gamma`/`p2_k` are floats, and `--sigma_small` makes FIXED_SMALL reachable.
 """
 
 import argparse
 import os
+import sys
 
 import yaml
 
@@ -13,9 +16,9 @@ from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import UNetModel
 
-NUM_CLASSES = 1000
+NUM_CLASSES = 1000  # label_emb rows of a class-conditional model built by image_train.py (the reference's)
 
-# channel_mult used when --channel_mult is "" (COMPAT §5); 32 px follows IDDPM.
+# channel_mult used when --channel_mult is "" (docs/compatibility.md, "Command-line flags"); 32 px follows IDDPM.
 DEFAULT_CHANNEL_MULT = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
@@ -67,6 +70,92 @@ def model_and_diffusion_defaults():
     return {**model_defaults(), **diffusion_defaults()}
 
 
+def train_defaults():
+    """Training flags of image_train.py: the reference's, then this project's additions."""
+    return dict(
+        data_dir="",                 # image folder or .zip; "" = the bundled demo set (datasets/emoji32.zip)
+        log_dir="",                  # "" = runs/<date>_<time>/ (or the folder of --resume_checkpoint)
+        schedule_sampler="uniform",  # "uniform" or "loss-second-moment"
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,           # decay the LR linearly to 0 at this step and stop there; 0 = off
+        batch_size=1,                # images per rank per step
+        microbatch=-1,               # images per forward pass; -1 = the whole batch
+        ema_rate="0.9999",           # comma-separated EMA rates
+        log_interval=10,             # steps between progress.csv rows
+        save_interval=10000,         # steps between checkpoints
+        resume_checkpoint="",        # stateNNNNNN.pt, modelNNNNNN.pt or a log dir
+        use_fp16=False,              # the reference's spelling of --precision fp16
+        fp16_scale_growth=1e-3,      # log2 growth of the fp16 loss scale per step
+        seed=0,                      # model init, data order and augmentation, t and noise draws
+        max_steps=0,                 # stop after this many optimizer steps (LR unchanged); 0 = no limit
+        precision="fp32",            # fp32, bf16 or fp16 (autocast; the weights stay fp32)
+        num_workers=1,               # image decoding processes per rank
+        random_flip=True,            # horizontal flips with probability 1/2
+        keep_checkpoints=0,          # keep only the newest N checkpoints; 0 = keep all
+        compile=False,               # torch.compile the U-Net (slow first step; see README "Performance")
+        channels_last="auto",        # NHWC convolutions: auto (timed on a CPU), true or false (README "Performance")
+    )
+
+
+def eval_defaults():
+    """In-training evaluation flags of image_train.py (FID/KID of EMA samples, the paper's Fig. 4)."""
+    # evaluation imports clean-fid, which only this default needs: imported here, not by every script.
+    from .evaluation import DEFAULT_CACHE_DIR
+
+    return dict(
+        eval_interval=0,                 # optimizer steps between evaluations; 0 = off
+        eval_samples=1000,               # images sampled per evaluation (the paper's ablations use 10k)
+        eval_batch_size=64,              # images per sampling batch per rank
+        eval_reference="",               # folder/zip/npz/statistics file or clean-fid "name:res:split"; "" = data_dir
+        eval_timestep_respacing="ddim50",  # the sampling schedule of the evaluation
+        eval_use_ddim=True,              # DDIM (eta 0) over that schedule, else ancestral
+        eval_metrics="fid,kid",
+        eval_mode="clean",               # clean-fid preprocessing mode
+        inception_path="",               # TorchScript inception-2015-12-05.pt (offline machines)
+        eval_cache_dir=DEFAULT_CACHE_DIR,  # cached reference statistics
+    )
+
+
+def train_flag_defaults():
+    """Every flag of image_train.py with its default: model, diffusion, training and in-training evaluation."""
+    return {**model_and_diffusion_defaults(), **train_defaults(), **eval_defaults()}
+
+
+# image_train.py flags that may differ between a checkpoint's saved config and the run resuming it: where files go,
+# when to log, save, stop or evaluate, and how fast the same computation runs. Every other training flag changes
+# the maths of the run (the model, the diffusion and its P2 weighting, the optimizer, the batches, the precision,
+# the seeds) and must match on resume.
+RESUME_MAY_CHANGE = frozenset({
+    "log_dir", "resume_checkpoint",                                  # where the run lives
+    "max_steps", "log_interval", "save_interval", "keep_checkpoints",  # when to stop, log, save, prune
+    "num_workers", "compile", "channels_last", "use_checkpoint",     # speed and memory; batches are unchanged
+    "data_dir",                                                      # the same images may have moved
+    "eval_interval", "eval_samples", "eval_batch_size", "eval_reference", "eval_timestep_respacing",
+    "eval_use_ddim", "eval_metrics", "eval_mode", "inception_path", "eval_cache_dir",  # scoring only
+})
+# Of RESUME_MAY_CHANGE, the flags whose change should be logged on resume: a new data_dir is allowed (the data
+# moved) but cannot be checked to hold the same images.
+RESUME_CHANGE_LOGGED = frozenset({"data_dir"})
+
+
+def sample_defaults():
+    """Sampling flags of image_sample.py (besides the model and diffusion flags)."""
+    return dict(
+        model_path="",               # checkpoint: a plain U-Net state_dict (model*.pt, ema_*.pt, released .pt)
+        sample_dir="",               # output folder; "" = beside the checkpoint, named after it and the schedule
+        num_samples=10000,
+        batch_size=16,               # samples per forward pass on each rank
+        use_ddim=False,              # DDIM over the respaced steps (any spacing) instead of ancestral sampling
+        ddim_eta=0.0,                # η of DDIM; 0 = deterministic
+        clip_denoised=True,          # clamp x̂₀ to [-1, 1] at every step
+        seed=0,                      # sample i depends only on (seed, i), not on batch size or ranks
+        precision="fp32",            # fp32, or bf16 / fp16 autocast of the network
+        compile=False,               # torch.compile the U-Net (slow first batch; see README "Performance")
+        channels_last="auto",        # NHWC convolutions: auto (timed on a CPU), true or false (README "Performance")
+    )
+
+
 def parse_channel_mult(channel_mult, image_size):
     """`channel_mult` flag -> tuple; "" gives the reference default for `image_size`."""
     if isinstance(channel_mult, (tuple, list)):
@@ -84,11 +173,16 @@ def parse_channel_mult(channel_mult, image_size):
         raise ValueError(f"--channel_mult {channel_mult!r}: expected comma-separated ints such as 1,2,2,2") from None
 
 
-def parse_attention_resolutions(attention_resolutions, image_size):
-    """Pixel resolutions ("16,8") -> downsample rates (image_size // r). "" or "none" -> () (bottleneck only)."""
+def parse_attention_resolutions(attention_resolutions, image_size, channel_mult):
+    """Pixel resolutions ("16,8") -> downsample rates (image_size // r). "" or "none" -> () (bottleneck only).
+
+    :param channel_mult: the parsed channel_mult tuple; level k of the U-Net runs at image_size / 2**k pixels.
+    :raises ValueError: for a resolution no level reaches (the model would silently skip its attention).
+    """
     text = str(attention_resolutions).strip().lower()
     if text in ("", "none"):
         return ()
+    reachable = [image_size // 2**level for level in range(len(channel_mult))]
     rates = []
     for part in text.split(","):
         try:
@@ -98,8 +192,12 @@ def parse_attention_resolutions(attention_resolutions, image_size):
                 f"--attention_resolutions {attention_resolutions!r}: expected comma-separated pixel "
                 "resolutions such as 16,8, or 'none' for bottleneck-only attention"
             ) from None
-        if res <= 0:
-            raise ValueError(f"--attention_resolutions: resolution {res} must be positive")
+        if res not in reachable:
+            raise ValueError(
+                f"--attention_resolutions: resolution {res} is never reached by the U-Net at image_size={image_size} "
+                f"with channel_mult={','.join(map(str, channel_mult))}; reachable: "
+                f"{','.join(map(str, reachable))} (the middle block always has attention)"
+            )
         rates.append(image_size // res)
     return tuple(rates)
 
@@ -121,8 +219,10 @@ def create_model(
     resblock_updown=False,
     use_fp16=False,
     use_new_attention_order=False,
+    num_classes=NUM_CLASSES,
 ):
-    """Build the ADM U-Net from flag values (in_channels 3; out 6 with learn_sigma; 1000 classes if class_cond)."""
+    """Build the ADM U-Net from flag values (in_channels 3; out 6 with learn_sigma; `num_classes` label embeddings
+    if class_cond, by default the reference's 1000)."""
     channel_mult = parse_channel_mult(channel_mult, image_size)
     levels = len(channel_mult) - 1
     if image_size % (2**levels):
@@ -137,10 +237,10 @@ def create_model(
         model_channels=num_channels,
         out_channels=(3 if not learn_sigma else 6),
         num_res_blocks=num_res_blocks,
-        attention_resolutions=parse_attention_resolutions(attention_resolutions, image_size),
+        attention_resolutions=parse_attention_resolutions(attention_resolutions, image_size, channel_mult),
         dropout=dropout,
         channel_mult=channel_mult,
-        num_classes=(NUM_CLASSES if class_cond else None),
+        num_classes=(num_classes if class_cond else None),
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
         num_heads=num_heads,
@@ -192,12 +292,13 @@ def create_gaussian_diffusion(
     )
 
 
-def create_model_and_diffusion(**kwargs):
+def create_model_and_diffusion(num_classes=NUM_CLASSES, **kwargs):
     """Model and diffusion from a dict holding (at least) every key of model_and_diffusion_defaults()."""
     model_keys = set(model_defaults()) - {"image_size"}
     model = create_model(
         image_size=kwargs["image_size"],
         learn_sigma=kwargs["learn_sigma"],
+        num_classes=num_classes,
         **{k: kwargs[k] for k in model_keys},
     )
     diffusion = create_gaussian_diffusion(
@@ -233,10 +334,82 @@ def args_to_dict(args, keys):
     return {k: getattr(args, k) for k in keys}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# One parsing path for every script: defaults -> YAML config (its base chain first) -> command-line flags
+# ----------------------------------------------------------------------------------------------------------------
+
+CONFIG_HELP = (
+    "YAML file of flag values (a `base: other.yaml` key extends another file, relative to this one); "
+    "command-line flags override it"
+)
+
+
+def build_parser(defaults, description):
+    """An ArgumentParser with `--config` and one `--key` flag per entry of `defaults`, typed by its default."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="", help=CONFIG_HELP)
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+def parse_args(parser, argv=None, config_fallback=None, ignored_keys=frozenset()):
+    """Parse `argv` (default sys.argv[1:]) in the order defaults -> YAML config -> command-line flags.
+
+    Every key of the config must be a flag of `parser` (or in `ignored_keys`); its value goes through the flag's
+    own type conversion and choices, so `batch_size: 2.7` fails as `--batch_size 2.7` does. Positional arguments
+    come from the command line only.
+
+    :param parser: an ArgumentParser with a `--config` flag (build_parser makes one).
+    :param config_fallback: callable(args parsed without a config) -> path or None: the config to read when
+        `--config` is not given (the checkpoint scripts read the config.yaml saved beside the checkpoint).
+    :param ignored_keys: config keys the script drops without looking at them, even where it has a flag of the same
+        name; the caller documents them (the checkpoint scripts ignore a saved config's training options).
+    :return: argparse.Namespace; `config` holds the path of the config read, "" when none.
+    :raises ValueError: unknown keys, values the flag's type refuses, malformed or cyclic files.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = parser.parse_known_args(argv)[0].config
+    if not path and config_fallback is not None:
+        path = config_fallback(parser.parse_known_args(argv)[0]) or ""
+    if path:
+        values = read_config_file(path)
+        flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+        unknown = sorted(set(values) - set(flags) - set(ignored_keys))
+        if unknown:
+            raise ValueError(
+                f"config file {path!r} has unknown key(s) {', '.join(unknown)}; every key must be a flag of "
+                f"{parser.prog} (see --help)"
+            )
+        parser.set_defaults(
+            **{k: _convert(flags[k], v, path) for k, v in values.items() if k not in ignored_keys}
+        )
+    args = parser.parse_args(argv)
+    args.config = path
+    return args
+
+
 def read_config_file(path):
-    """Read a YAML config file: a flat mapping of flag names to values (no key check; see load_config)."""
+    """The flag values of a YAML config: a flat mapping, after those of its `base:` file (chains allowed)."""
+    return _read_config_chain(os.path.abspath(path), ())
+
+
+def _read_config_chain(path, extended_by):
+    if path in extended_by:
+        cycle = " -> ".join(os.path.basename(p) for p in (*extended_by, path))
+        raise ValueError(f"config files extend each other in a cycle: {cycle} (in {os.path.dirname(path)})")
+    values = _read_yaml_mapping(path, extended_by[-1] if extended_by else None)
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"config file {path!r}: base must name another YAML file, got {base!r}")
+    return {**_read_config_chain(os.path.join(os.path.dirname(path), base), (*extended_by, path)), **values}
+
+
+def _read_yaml_mapping(path, extending):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist; see configs/ for the bundled ones")
+        named_by = f" (the base of {extending!r})" if extending else "; see configs/ for the bundled ones"
+        raise FileNotFoundError(f"config file {path!r} does not exist{named_by}")
     with open(path) as f:
         try:
             values = yaml.safe_load(f) or {}
@@ -247,47 +420,26 @@ def read_config_file(path):
     return values
 
 
-def load_config(path, allowed_keys):
-    """Read a YAML config (a flat mapping of flag names to values) and check every key is a known flag.
-
-    :param path: YAML file.
-    :param allowed_keys: flag names the calling script accepts.
-    :return: dict of flag values.
-    """
-    values = read_config_file(path)
-    unknown = sorted(set(values) - set(allowed_keys))
-    if unknown:
-        raise ValueError(
-            f"config file {path!r} has unknown key(s) {', '.join(unknown)}; "
-            f"every key must be a flag of this script (see --help)"
-        )
-    return values
-
-
-def parse_args_with_config(defaults, argv=None, description=None):
-    """Parse flags in the order defaults -> `--config FILE` (YAML) -> command-line flags.
-
-    :param defaults: dict of flag names to default values; each becomes a `--name` flag.
-    :return: argparse.Namespace holding every key of `defaults` plus `config`.
-    """
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default="", help="YAML file of flag values; flags given here override it")
-    add_dict_to_argparser(parser, defaults)
-    pre_args, _ = parser.parse_known_args(argv)
-    if pre_args.config:
-        config = load_config(pre_args.config, defaults)
-        # Values from YAML go through the same type conversion as typed flags.
-        parser.set_defaults(**{k: _coerce(parser, k, v) for k, v in config.items()})
-    return parser.parse_args(argv)
-
-
-def _coerce(parser, key, value):
-    action = next(a for a in parser._actions if a.dest == key)
-    if value is None or action.type is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        value = ",".join(str(v) for v in value)
+def _convert(action, value, path):
+    """A config value as the flag `action` would read it from the command line."""
+    key = action.dest
+    if value is None:
+        if action.default is None:
+            return None
+        raise ValueError(f"config file {path!r}: {key} has no value; give one or remove the key")
+    if isinstance(value, dict):
+        raise ValueError(f"config file {path!r}: {key} holds a mapping; flags take a value or a list")
+    if action.nargs in ("+", "*"):
+        texts = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    else:
+        texts = [",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)]
     try:
-        return action.type(value if action.type is not str else str(value))
+        converted = [action.type(text) if action.type is not None else text for text in texts]
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-        raise ValueError(f"config value {key}={value!r} does not fit the flag's type: {e}") from None
+        kind = getattr(action.type, "__name__", "value")
+        raise ValueError(f"config file {path!r}: {key}: {value!r} is not a valid {kind} ({e})") from None
+    if action.choices is not None and any(c not in action.choices for c in converted):
+        raise ValueError(
+            f"config file {path!r}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}"
+        )
+    return converted if action.nargs in ("+", "*") else converted[0]

@@ -17,22 +17,6 @@ from .sampling import SamplingOptions, generate_batch, plan_batches
 EVAL_SEED = 0  # the same noise at every evaluation
 
 
-def eval_defaults():
-    """Training flags of in-training evaluation (image_train.py)."""
-    return dict(
-        eval_interval=0,                 # optimizer steps between evaluations; 0 = off
-        eval_samples=1000,               # images sampled per evaluation (the paper's ablations use 10k)
-        eval_batch_size=64,              # images per sampling batch per rank
-        eval_reference="",               # folder/zip/npz/statistics file or clean-fid "name:res:split"; "" = data_dir
-        eval_timestep_respacing="ddim50",  # the sampling schedule of the evaluation
-        eval_use_ddim=True,              # DDIM (eta 0) over that schedule, else ancestral
-        eval_metrics="fid,kid",
-        eval_mode="clean",               # clean-fid preprocessing mode
-        inception_path="",               # TorchScript inception-2015-12-05.pt (offline machines)
-        eval_cache_dir=evaluation.DEFAULT_CACHE_DIR,  # cached reference statistics
-    )
-
-
 class TrainingEvaluator:
     """Samples `num_samples` images from a model and returns FID/KID against `reference` (on rank 0).
 

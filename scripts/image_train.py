@@ -4,9 +4,10 @@
     python scripts/image_train.py --config configs/ffhq_p2.yaml --data_dir data/ffhq
     mpiexec -n 8 python scripts/image_train.py ...                   (or torchrun --nproc_per_node 8 ...)
 
-Flag values: the defaults below and of script_util -> --config FILE (YAML) -> command-line flags. Without any
-argument the demo config is used. Every reference flag keeps its name and default (COMPAT §5); --use_fp16 True
-means --precision fp16 (the weights stay fp32; the forward pass runs under autocast).
+Flag values: the defaults of guided_diffusion/script_util.py (train_flag_defaults) -> --config FILE (YAML; a
+`base:` key extends another file) -> command-line flags. Without any argument the demo config is used. Every
+reference flag keeps its name and default (docs/compatibility.md, "Command-line flags"); --use_fp16 True means
+--precision fp16 (the weights stay fp32; the forward pass runs under autocast).
 Output (--log_dir, default runs/<date>_<time>/, or the resumed checkpoint's folder): config.yaml (the resolved
 flags; image_sample.py reads it), log.txt, progress.csv and the checkpoints described in
 guided_diffusion/checkpoint.py. --resume_checkpoint takes a stateNNNNNN.pt, a modelNNNNNN.pt or a log dir.
@@ -19,55 +20,27 @@ import time
 import numpy as np
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from guided_diffusion import checkpoint, dist_util  # noqa: E402
-from guided_diffusion.evaluation import EvaluationError  # noqa: E402
-from guided_diffusion.image_datasets import DEMO_DATASET, load_data  # noqa: E402
-from guided_diffusion.logger import Logger  # noqa: E402
-from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
-from guided_diffusion.script_util import (  # noqa: E402
+from guided_diffusion import checkpoint, dist_util
+from guided_diffusion.cli import script_main
+from guided_diffusion.image_datasets import DEMO_DATASET, load_data
+from guided_diffusion.logger import Logger
+from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.script_util import (
+    build_parser,
     create_gaussian_diffusion,
     create_model_and_diffusion,
     diffusion_defaults,
     model_and_diffusion_defaults,
-    parse_args_with_config,
+    parse_args as parse_flags,
+    train_flag_defaults,
 )
-from guided_diffusion.train_eval import TrainingEvaluator, eval_defaults, sampling_options  # noqa: E402
-from guided_diffusion.train_util import TrainLoop, resolve_precision, seed_everything  # noqa: E402
-from guided_diffusion.speed_options import apply_speed_options  # noqa: E402
+from guided_diffusion.speed_options import apply_speed_options
+from guided_diffusion.train_eval import TrainingEvaluator, sampling_options
+from guided_diffusion.train_util import TrainLoop, resolve_precision, seed_everything
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yaml")
 RUNS_DIR = "runs"
-
-
-def train_defaults():
-    """Training flags: the reference's, then this project's additions."""
-    return dict(
-        data_dir="",                 # image folder or .zip; "" = the bundled demo set (datasets/emoji32.zip)
-        log_dir="",                  # "" = runs/<date>_<time>/ (or the folder of --resume_checkpoint)
-        schedule_sampler="uniform",  # "uniform" or "loss-second-moment"
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,           # decay the LR linearly to 0 at this step and stop there; 0 = off
-        batch_size=1,                # images per rank per step
-        microbatch=-1,               # images per forward pass; -1 = the whole batch
-        ema_rate="0.9999",           # comma-separated EMA rates
-        log_interval=10,             # steps between progress.csv rows
-        save_interval=10000,         # steps between checkpoints
-        resume_checkpoint="",        # stateNNNNNN.pt, modelNNNNNN.pt or a log dir
-        use_fp16=False,              # the reference's spelling of --precision fp16
-        fp16_scale_growth=1e-3,      # log2 growth of the fp16 loss scale per step
-        seed=0,                      # model init, data order and augmentation, t and noise draws
-        max_steps=0,                 # stop after this many optimizer steps (LR unchanged); 0 = no limit
-        precision="fp32",            # fp32, bf16 or fp16 (autocast; the weights stay fp32)
-        num_workers=1,               # image decoding processes per rank
-        random_flip=True,            # horizontal flips with probability 1/2
-        keep_checkpoints=0,          # keep only the newest N checkpoints; 0 = keep all
-        compile=False,               # torch.compile the U-Net (slow first step; see README "Performance")
-        channels_last="auto",        # NHWC convolutions: auto (on a CPU), true or false (README "Performance")
-    )
 
 
 def parse_args(argv=None):
@@ -75,8 +48,7 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
         argv = ["--config", DEMO_CONFIG]
-    defaults = {**model_and_diffusion_defaults(), **train_defaults(), **eval_defaults()}
-    return parse_args_with_config(defaults, argv, description=__doc__)
+    return parse_flags(build_parser(train_flag_defaults(), __doc__), argv)
 
 
 def resolve_config(args, rank, world_size):
@@ -109,23 +81,21 @@ def _new_run_dir(rank, world_size):
     return name
 
 
+@script_main(interrupted="rerun with --resume_checkpoint LOG_DIR to continue from its last checkpoint")
 def main(argv=None):
     """Train with `argv` (default sys.argv[1:]); returns the finished TrainLoop."""
     args = parse_args(argv)
     dist_util.setup_dist()
     try:
         loop, data, config = build(args)
-    except (ValueError, FileNotFoundError, FileExistsError, EvaluationError) as e:
-        # Bad flags, config, data or checkpoint: a message naming them, not a traceback.
-        dist_util.cleanup()
-        sys.exit(f"image_train.py: error: {e}")
-    try:
-        if loop.rank == 0:
-            checkpoint.save_config(config["log_dir"], config)
-        loop.run_loop()
+        try:
+            if loop.rank == 0:
+                checkpoint.save_config(config["log_dir"], config)
+            loop.run_loop()
+        finally:
+            data.close()
+            loop.logger.close()
     finally:
-        data.close()
-        loop.logger.close()
         dist_util.cleanup()
     return loop
 

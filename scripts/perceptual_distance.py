@@ -23,23 +23,22 @@ Writes to --out_dir:
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from guided_diffusion import dist_util  # noqa: E402
-from guided_diffusion.analysis import AnalysisError, ImageSet, noisy_pair_distances, snr_grid  # noqa: E402
-from guided_diffusion.fileio import write_csv, write_json  # noqa: E402
-from guided_diffusion.evaluation import EvaluationError  # noqa: E402
-from guided_diffusion.perceptual import NETWORK_CHOICES, load_perceptual_network  # noqa: E402
-from guided_diffusion.plotting import plot_distance_curves  # noqa: E402
+from guided_diffusion import dist_util
+from guided_diffusion.analysis import AnalysisError, ImageSet, noisy_pair_distances, snr_grid
+from guided_diffusion.cli import script_main
+from guided_diffusion.fileio import write_csv, write_json
+from guided_diffusion.perceptual import NETWORK_CHOICES, load_perceptual_network
+from guided_diffusion.plotting import plot_distance_curves
+from guided_diffusion.script_util import CONFIG_HELP, parse_args as parse_flags
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", required=True, help="folder for the figure and numbers")
+    parser.add_argument("--config", default="", help=CONFIG_HELP)
+    parser.add_argument("--out_dir", default="", help="folder for the figure and numbers (required)")
     parser.add_argument("--data_dir", default="", help="folder, zip or sample npz of images; '' = the bundled demo set")
     parser.add_argument("--image_size", type=int, default=0, help="centre-crop size; 0 = the first image's short side")
     parser.add_argument("--num_triplets", type=int, default=200, help="random image pairs averaged (paper: 200)")
@@ -52,7 +51,7 @@ def parse_args(argv=None):
     parser.add_argument("--inception_path", default=None, help="clean-fid's inception-2015-12-05.pt for inception")
     parser.add_argument("--lpips_net", default="alex", help="LPIPS backbone: alex, vgg or squeeze")
     parser.add_argument("--batch_size", type=int, default=64, help="images per network batch")
-    return parser.parse_args(argv)
+    return parse_flags(parser, argv)
 
 
 def draw_pairs(num_images, num_triplets, seed):
@@ -64,6 +63,8 @@ def draw_pairs(num_images, num_triplets, seed):
 
 
 def run(args):
+    if not args.out_dir:
+        raise AnalysisError("--out_dir is required: the folder for the figure and numbers")
     if args.num_triplets < 1 or args.batch_size < 1:
         raise AnalysisError("--num_triplets and --batch_size must be >= 1")
     snrs = snr_grid(args.snr_min, args.snr_max, args.snrs_per_decade)
@@ -95,11 +96,9 @@ def run(args):
     return snrs, same, different
 
 
+@script_main()
 def main(argv=None):
-    try:
-        return run(parse_args(argv))
-    except (ValueError, FileNotFoundError, EvaluationError) as err:
-        sys.exit(f"perceptual_distance.py: error: {err}")
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

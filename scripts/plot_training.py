@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion.plotting import save_figure  # noqa: E402
+from guided_diffusion.cli import script_main  # noqa: E402
 from guided_diffusion.fileio import write_csv, write_json  # noqa: E402
 from guided_diffusion.analysis import AnalysisError  # noqa: E402
 from guided_diffusion.gaussian_diffusion import SNR_STAGE_BOUNDS  # noqa: E402
@@ -170,11 +171,9 @@ def run(args):
     return records
 
 
+@script_main()
 def main(argv=None):
-    try:
-        return run(parse_args(argv))
-    except AnalysisError as err:
-        sys.exit(f"plot_training.py: error: {err}")
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from guided_diffusion.cli import script_main  # noqa: E402
 from guided_diffusion.fileio import write_csv, write_json  # noqa: E402
 from guided_diffusion.plotting import save_figure, shade_stages  # noqa: E402
 from guided_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
@@ -132,6 +133,7 @@ def print_summary(summary):
             )
 
 
+@script_main()
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)

@@ -3,8 +3,8 @@ and run the learned reverse process from t back to 0.
 
     python scripts/reconstruct.py --model_path RUN_DIR/ema_0.9999_010000.pt --out_dir figures/reconstruct
 
-The model and diffusion flags come from --config, else the config.yaml beside the checkpoint, then the command line
-(as in image_sample.py); --timestep_respacing is honoured, and each target SNR maps to the respaced step whose SNR
+Flags come from the defaults, then --config, else the config.yaml beside the checkpoint (its training options
+ignored, as in image_sample.py), then the command line; --timestep_respacing is honoured, and each target SNR maps to the respaced step whose SNR
 is nearest (in log scale); the SNR actually used is reported. Image k of the inputs draws its noise from the
 generator of (--seed, k) at every SNR, so results do not depend on --batch_size.
 
@@ -20,8 +20,6 @@ Writes to --out_dir:
 """
 
 import os
-import pickle
-import sys
 
 import matplotlib
 
@@ -29,12 +27,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 from guided_diffusion import analysis, dist_util, perceptual  # noqa: E402
+from guided_diffusion.cli import script_main  # noqa: E402
 from guided_diffusion.fileio import atomic_write, write_csv, write_json  # noqa: E402
-from guided_diffusion.evaluation import EvaluationError  # noqa: E402
 from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args  # noqa: E402,E501
 from guided_diffusion.plotting import plot_distance_curves, save_figure  # noqa: E402
 from guided_diffusion.sampling import image_grid, write_png  # noqa: E402
@@ -61,7 +56,7 @@ def reconstruct_defaults():
 
 
 def parse_args(argv=None):
-    return parse_checkpoint_args(checkpoint_parser(__doc__, reconstruct_defaults()), argv)[0]
+    return parse_checkpoint_args(checkpoint_parser(__doc__, reconstruct_defaults()), argv)
 
 
 def check_args(args):
@@ -161,12 +156,9 @@ def run(args):
     return sweep
 
 
+@script_main()
 def main(argv=None):
-    try:
-        return run(parse_args(argv))
-    # AnalysisError is a ValueError: bad flags, inputs, config or checkpoint end with a message, not a traceback.
-    except (ValueError, FileNotFoundError, EvaluationError, pickle.UnpicklingError) as err:
-        sys.exit(f"reconstruct.py: error: {err}")
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ import shlex
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from guided_diffusion import checkpoint  # noqa: E402
-from guided_diffusion.image_datasets import DEMO_DATASET  # noqa: E402
-from guided_diffusion.train_util import parse_ema_rates  # noqa: E402
+from guided_diffusion import checkpoint
+from guided_diffusion.cli import script_main
+from guided_diffusion.image_datasets import DEMO_DATASET
+from guided_diffusion.train_util import parse_ema_rates
 
 SCRIPTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(SCRIPTS_DIR)
@@ -70,6 +69,7 @@ def train(args):
     return checkpoint.ema_path(args.log_dir, parse_ema_rates(config["ema_rate"])[0], step), config
 
 
+@script_main(interrupted="rerun the same command to resume")
 def main(argv=None):
     args = parse_args(argv)
     ema_weights, config = train(args)

@@ -17,7 +17,6 @@ FID and KID are clean-fid's against --reference (see scripts/evaluate.py; --ince
 
 import copy
 import os
-import pickle
 import sys
 
 import matplotlib
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from guided_diffusion import dist_util, evaluation, inception  # noqa: E402
 from guided_diffusion.plotting import save_figure  # noqa: E402
 from guided_diffusion.analysis import AnalysisError, CountingNetwork  # noqa: E402
+from guided_diffusion.cli import script_main  # noqa: E402
 from guided_diffusion.fileio import write_csv, write_json, write_text  # noqa: E402
 from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args  # noqa: E402,E501
 from guided_diffusion.respace import space_timesteps  # noqa: E402
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     parser = checkpoint_parser(__doc__, sweep_defaults())
     parser.add_argument("--schedules", nargs="+", default=["250", "130,60,60", "60,130,60", "500"],
                         help="respacing schedules, space-separated (default: Table 4's)")
-    return parse_checkpoint_args(parser, argv)[0]
+    return parse_checkpoint_args(parser, argv)
 
 
 def check_args(args):
@@ -145,12 +145,9 @@ def run(args):
     return rows
 
 
+@script_main()
 def main(argv=None):
-    try:
-        return run(parse_args(argv))
-    # AnalysisError is a ValueError: bad flags, inputs, config or checkpoint end with a message, not a traceback.
-    except (ValueError, FileNotFoundError, evaluation.EvaluationError, pickle.UnpicklingError) as err:
-        sys.exit(f"sweep_schedules.py: error: {err}")
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

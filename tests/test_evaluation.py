@@ -390,10 +390,9 @@ def test_bad_inputs_are_refused_with_what_to_do(data, network, tmp_path):
         evaluation.evaluate(data["a_npz"], other_network_stats, _WiderNetwork(network), "fid")
 
 
-def test_script_reports_bad_input_without_traceback(data, tmp_path, capsys):
-    code = run_script([data["a_npz"], str(tmp_path / "missing"), "--inception_path", data["standin"]])
-    assert code == 1
-    assert "evaluate.py: error:" in capsys.readouterr().err
+def test_script_reports_bad_input_without_traceback(data, tmp_path):
+    with pytest.raises(SystemExit, match="^evaluate.py: error: .*missing"):
+        run_script([data["a_npz"], str(tmp_path / "missing"), "--inception_path", data["standin"]])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """scripts/image_sample.py end to end with a tiny random U-Net: outputs, seeds, ranks, resume, spacings, errors."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -92,6 +93,18 @@ def test_reference_layout_state_dict_samples_without_conversion(tmp_path):
     assert 0 <= arrays["arr_1"].min() and arrays["arr_1"].max() < 1000
 
 
+def test_class_labels_are_drawn_from_the_checkpoints_own_classes(tmp_path):
+    # A 3-class model (label_emb.weight has 3 rows): the flags say nothing about the class count.
+    model = create_model(**{k: v for k, v in TINY_MODEL_FLAGS.items() if k != "diffusion_steps"}, class_cond=True,
+                         num_classes=3, use_scale_shift_norm=True)
+    path = str(tmp_path / "model000100.pt")
+    torch.save(perturb_(model).state_dict(), path)
+    result = sample(path, "--num_samples", "24", "--batch_size", "8", class_cond=True, timestep_respacing="2")
+    labels = load_npz(result.npz_path)["arr_1"]
+    assert labels.shape == (24,) and labels.max() < 3
+    assert sorted(set(labels.tolist())) == [0, 1, 2]   # all three classes drawn, uniformly
+
+
 def test_checkpoint_not_fitting_the_flags_names_keys_and_flags(checkpoint, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         sample(checkpoint, "--num_samples", "1", "--sample_dir", str(tmp_path / "s"), learn_sigma=True)
@@ -130,6 +143,18 @@ def test_same_seed_gives_the_same_samples_across_batch_sizes(checkpoint, tmp_pat
     assert (load_npz(other_seed.npz_path)["arr_0"] != runs[0]["arr_0"]).mean() > 0.5
 
 
+def _file_records(folder):
+    """{name: (inode, mtime_ns, sha256)} of the PNGs in `folder`: what a rewrite of any of them would change."""
+    records = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".png") and not name.startswith("."):
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            records[name] = (os.stat(path).st_ino, os.stat(path).st_mtime_ns, digest)
+    return records
+
+
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(checkpoint, tmp_path):
     flags = ["--num_samples", "7", "--batch_size", "2"]
     whole = sample(checkpoint, *flags, "--sample_dir", str(tmp_path / "whole"))
@@ -141,14 +166,20 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(checkpoint, tmp_path)
         ]
     )
     assert completed.returncode == -9, completed.stderr
-    left = sorted(os.listdir(killed_dir / "images"))
-    # Four finished PNGs, and the temporary file of the write that was killed (hidden, so it sorts first).
-    assert left[-4:] == [f"{k:06d}.png" for k in range(4)] and left[0].startswith(".000004.png")
+    kept = _file_records(killed_dir / "images")
+    assert sorted(kept) == [f"{k:06d}.png" for k in range(4)]
+
     resumed = sample(checkpoint, *flags, "--sample_dir", str(killed_dir))
     assert resumed.num_generated == 3
+    # The resumed run generated only the missing samples: the four kept PNGs are the same files, untouched ...
+    after = _file_records(killed_dir / "images")
+    assert {name: after[name] for name in kept} == kept
+    # ... it removed the killed write's temporary file, and its npz equals the uninterrupted run's.
     assert sorted(os.listdir(killed_dir / "images")) == [f"{k:06d}.png" for k in range(7)]
     expected, got = load_npz(whole.npz_path), load_npz(resumed.npz_path)
     assert np.array_equal(expected["arr_0"], got["arr_0"])
+    for k in range(7):
+        assert np.array_equal(read_png(os.path.join(resumed.images_dir, f"{k:06d}.png"))[0], expected["arr_0"][k])
 
 
 def test_rerun_with_other_sampling_arguments_is_refused(checkpoint, tmp_path):

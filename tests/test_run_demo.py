@@ -1,4 +1,4 @@
-"""scripts/run_demo.py: train -> sample -> evaluate on the bundled dataset, shortened (issue 7's main job)."""
+"""scripts/run_demo.py: train -> sample -> evaluate on the bundled dataset, shortened (the demo's whole pipeline)."""
 
 import json
 import os

@@ -1,4 +1,5 @@
-"""Flags, defaults and config precedence (COMPAT §5): defaults -> YAML config -> command-line flags."""
+"""Flags, defaults and config precedence (docs/compatibility.md, "Command-line flags"): defaults -> YAML config
+(its base chain first) -> command-line flags."""
 
 import argparse
 
@@ -22,7 +23,7 @@ def test_reference_defaults_kept():
     defaults = su.model_and_diffusion_defaults()
     for key, value in {**REFERENCE_DIFFUSION_DEFAULTS, **REFERENCE_MODEL_DEFAULTS}.items():
         assert defaults[key] == value and type(defaults[key]) is type(value), key
-    # FIX (COMPAT §12 #2): P2 flags are floats.
+    # Fixed here (docs/compatibility.md, "Reference defects fixed here"): P2 flags are floats.
     assert defaults["p2_gamma"] == 0.0 and isinstance(defaults["p2_gamma"], float)
     assert defaults["p2_k"] == 1.0 and isinstance(defaults["p2_k"], float)
 
@@ -72,11 +73,21 @@ def test_factory_precedence_rules():
     assert make(timestep_respacing="250").num_timesteps == 250
 
 
-@pytest.mark.parametrize(
-    "text, rates", [("16,8", (16, 32)), ("16", (16,)), ("", ()), ("none", ()), ("None", ()), ("512", (0,))]
-)
+@pytest.mark.parametrize("text, rates", [("16,8", (16, 32)), ("16", (16,)), ("8", (32,)), ("256", (1,)), ("", ()),
+                                         ("none", ()), ("None", ())])
 def test_attention_resolutions(text, rates):
-    assert su.parse_attention_resolutions(text, 256) == rates
+    assert su.parse_attention_resolutions(text, 256, (1, 1, 2, 2, 4, 4)) == rates
+
+
+@pytest.mark.parametrize("text", ["512", "24", "4", "16,3"])
+def test_attention_resolution_the_unet_never_reaches_is_named(text):
+    # 256 px with six levels runs at 256, 128, 64, 32, 16 and 8 pixels: 512 would be rate 0, 24 rate 10, 4 a
+    # seventh level; each would silently leave the model without that attention.
+    bad = text.split(",")[-1]
+    with pytest.raises(ValueError, match=f"resolution {bad} is never reached .* reachable: 256,128,64,32,16,8"):
+        su.parse_attention_resolutions(text, 256, (1, 1, 2, 2, 4, 4))
+    with pytest.raises(ValueError, match=f"resolution {bad} is never reached"):
+        su.create_model(256, 32, 1, attention_resolutions=text)
 
 
 def test_channel_mult_defaults_and_errors():
@@ -89,28 +100,114 @@ def test_channel_mult_defaults_and_errors():
         su.parse_channel_mult("1,x", 32)
 
 
+def _parse(argv, defaults=None, **kwargs):
+    return su.parse_args(su.build_parser(defaults or su.model_and_diffusion_defaults(), "test"), argv, **kwargs)
+
+
 def test_config_then_flags_precedence(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("p2_gamma: 0.5\nnum_channels: 32\nlearn_sigma: true\nchannel_mult: [1, 2]\n")
-    defaults = su.model_and_diffusion_defaults()
-    args = su.parse_args_with_config(defaults, ["--config", str(config), "--num_channels", "64"])
+    args = _parse(["--config", str(config), "--num_channels", "64"])
     assert args.p2_gamma == 0.5  # from the config
     assert args.num_channels == 64  # the flag wins over the config
     assert args.learn_sigma is True and args.channel_mult == "1,2"
     assert args.image_size == 64  # untouched default
+    assert args.config == str(config)
+    assert _parse([]).config == "" and _parse([]).p2_gamma == 0.0
 
 
 def test_config_unknown_key_named(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("p2_gamma: 1.0\nlearning_rate: 0.1\n")
-    with pytest.raises(ValueError, match="learning_rate"):
-        su.parse_args_with_config(su.model_and_diffusion_defaults(), ["--config", str(config)])
+    with pytest.raises(ValueError, match="unknown key\\(s\\) learning_rate"):
+        _parse(["--config", str(config)])
 
 
-def test_config_missing_file_and_bad_values(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
-        su.load_config(str(tmp_path / "nope.yaml"), {})
+@pytest.mark.parametrize("line, message", [
+    ("num_channels: many", "num_channels: 'many' is not a valid int"),
+    ("num_channels: 2.7", "num_channels: 2.7 is not a valid int"),   # not truncated to 2, as --num_channels 2.7
+    ("num_channels: true", "num_channels: True is not a valid int"),
+    ("learn_sigma: maybe", "learn_sigma: 'maybe' is not a valid str2bool"),
+    ("p2_gamma: [1, 2]", "p2_gamma: \\[1, 2\\] is not a valid float"),
+    ("dropout:", "dropout has no value"),
+    ("image_size: {a: 1}", "image_size holds a mapping"),
+])
+def test_config_values_go_through_the_flag_types(tmp_path, line, message):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("num_channels: many\n")
-    with pytest.raises(ValueError, match="num_channels"):
-        su.parse_args_with_config(su.model_and_diffusion_defaults(), ["--config", str(bad)])
+    bad.write_text(line + "\n")
+    with pytest.raises(ValueError, match=f"bad.yaml'?: {message}"):
+        _parse(["--config", str(bad)])
+    flag, _, value = line.partition(": ")
+    if flag == "num_channels" and value in ("many", "2.7"):
+        with pytest.raises(SystemExit):  # argparse refuses the same text on the command line
+            _parse([f"--{flag}", value])
+
+
+def test_config_choices_and_list_flags_convert_like_the_command_line(tmp_path):
+    parser = argparse.ArgumentParser(prog="tool")
+    parser.add_argument("--config", default="")
+    parser.add_argument("--mode", default="a", choices=("a", "b"))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[1])
+    config = tmp_path / "c.yaml"
+    config.write_text("sizes: [3, 4]\n")
+    assert su.parse_args(parser, ["--config", str(config)]).sizes == [3, 4]
+    config.write_text("mode: c\n")
+    with pytest.raises(ValueError, match="mode: 'c' is not one of a, b"):
+        su.parse_args(parser, ["--config", str(config)])
+
+
+def test_config_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        su.read_config_file(str(tmp_path / "nope.yaml"))
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        su.read_config_file(str(tmp_path / "list.yaml"))
+    (tmp_path / "broken.yaml").write_text("a: [1\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        su.read_config_file(str(tmp_path / "broken.yaml"))
+
+
+def test_base_chain_resolves_relative_to_each_file_and_later_files_win(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("num_channels: 32\np2_gamma: 1.0\ndropout: 0.1\n")
+    (tmp_path / "sub" / "middle.yaml").write_text("base: ../root.yaml\np2_gamma: 0.5\n")
+    (tmp_path / "sub" / "leaf.yaml").write_text("base: middle.yaml\ndropout: 0.0\n")
+    leaf = str(tmp_path / "sub" / "leaf.yaml")
+    assert su.read_config_file(leaf) == {"num_channels": 32, "p2_gamma": 0.5, "dropout": 0.0}
+    args = _parse(["--config", leaf, "--p2_gamma", "2"])
+    assert (args.num_channels, args.p2_gamma, args.dropout) == (32, 2.0, 0.0)
+
+
+def test_base_cycle_and_missing_base_are_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="cycle: a.yaml -> b.yaml -> a.yaml"):
+        su.read_config_file(str(tmp_path / "a.yaml"))
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(ValueError, match="cycle: self.yaml -> self.yaml"):
+        su.read_config_file(str(tmp_path / "self.yaml"))
+    (tmp_path / "orphan.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(FileNotFoundError, match="gone.yaml.*the base of .*orphan.yaml"):
+        su.read_config_file(str(tmp_path / "orphan.yaml"))
+
+
+def test_ignored_keys_are_dropped_even_where_the_script_has_the_flag(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("seed: 7\nlr: 0.5\nnum_channels: 32\n")
+    args = _parse(["--config", str(config)], {**su.model_and_diffusion_defaults(), "seed": 0},
+                  ignored_keys=frozenset({"seed", "lr"}))
+    assert (args.seed, args.num_channels) == (0, 32)
+
+
+def test_every_training_flag_is_either_maths_or_may_change_on_resume():
+    flags = set(su.train_flag_defaults())
+    assert su.RESUME_MAY_CHANGE <= flags and su.RESUME_CHANGE_LOGGED <= su.RESUME_MAY_CHANGE
+    maths = flags - su.RESUME_MAY_CHANGE
+    # Everything that defines the model, the diffusion (and its P2 weighting) or the optimisation must match.
+    assert set(su.model_and_diffusion_defaults()) - {"use_checkpoint"} <= maths
+    assert {"lr", "weight_decay", "lr_anneal_steps", "batch_size", "microbatch", "ema_rate", "schedule_sampler",
+            "precision", "use_fp16", "fp16_scale_growth", "seed", "random_flip"} <= maths
+    assert {"log_dir", "resume_checkpoint", "max_steps", "save_interval", "num_workers", "compile",
+            "channels_last", "data_dir", "eval_interval", "inception_path"} <= su.RESUME_MAY_CHANGE
+    assert len(flags) == len(maths) + len(su.RESUME_MAY_CHANGE)
+

@@ -1,0 +1,73 @@
+"""guided_diffusion/cli.py: every script ends a user error with one line "<script>: error: ..." and no traceback."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from guided_diffusion.cli import INTERRUPTED_EXIT_CODE, script_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MISSING = os.path.join(ROOT, "no_such_dir", "missing.yaml")
+
+# (script, argv with one user error, text the message must hold)
+USER_ERRORS = [
+    ("scripts/image_train.py", ["--config", MISSING], "missing.yaml"),
+    ("scripts/image_sample.py", ["--model_path", MISSING], "missing.yaml"),
+    ("scripts/evaluate.py", ["a.npz", "b.npz", "--config", MISSING], "missing.yaml"),
+    ("scripts/reconstruct.py", ["--config", MISSING], "missing.yaml"),
+    ("scripts/perceptual_distance.py", ["--config", MISSING], "missing.yaml"),
+    ("scripts/sweep_schedules.py", ["--config", MISSING], "missing.yaml"),
+    ("scripts/benchmark.py", ["--config", "no_such_benchmark"], "no_such_benchmark"),
+    ("scripts/plot_training.py", ["--runs", MISSING, "--out_dir", "unused"], "missing.yaml"),
+    ("scripts/plot_weights.py", ["--out_dir", "unused", "--schedules", "quadratic"], "quadratic"),
+    ("datasets/prepare.py", ["--source", MISSING, "--dest", "unused"], "missing.yaml"),
+]
+
+
+def load_script(relative_path):
+    name = os.path.splitext(os.path.basename(relative_path))[0] + "_under_test"
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relative_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script, argv, named", USER_ERRORS, ids=[s for s, _, _ in USER_ERRORS])
+def test_user_error_in_each_script_is_one_line_naming_the_script(script, argv, named, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # nothing a script might write lands in the repository
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).main(argv)
+    message = exit_info.value.code   # Python prints it on stderr and exits with code 1
+    assert isinstance(message, str) and "\n" not in message.strip()
+    assert message.startswith(f"{os.path.basename(script)}: error: ") and named in message
+
+
+@pytest.mark.parametrize("script, argv", [("scripts/image_sample.py", ["--model_path", MISSING]),
+                                          ("datasets/prepare.py", ["--source", MISSING, "--dest", "out"])])
+def test_user_error_from_the_command_line_exits_non_zero_with_one_stderr_line(script, argv, tmp_path):
+    completed = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    assert completed.returncode == 1
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{os.path.basename(script)}: error: "), completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_bugs_raise_and_ctrl_c_exits_130_with_the_resume_hint(capsys):
+    @script_main(interrupted="rerun to resume")
+    def interrupted():
+        raise KeyboardInterrupt
+
+    @script_main()
+    def buggy():
+        raise TypeError("a bug")
+
+    with pytest.raises(SystemExit) as exit_info:
+        interrupted()
+    assert exit_info.value.code == INTERRUPTED_EXIT_CODE
+    assert capsys.readouterr().err.strip() == "test_cli.py: interrupted; rerun to resume"
+    with pytest.raises(TypeError, match="a bug"):
+        buggy()
