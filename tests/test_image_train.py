@@ -1,6 +1,5 @@
 """scripts/image_train.py: flags and configs, log dirs, config.yaml, resume rules, and a SIGKILL mid-checkpoint."""
 
-import glob
 import os
 import signal
 import subprocess
@@ -21,7 +20,8 @@ from train_fixtures import (  # noqa: E402
 
 import image_train  # noqa: E402
 from guided_diffusion import checkpoint, fileio  # noqa: E402
-from guided_diffusion.script_util import model_and_diffusion_defaults  # noqa: E402
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from test_configs import TABLE_A, TWINS  # noqa: E402
 
 KILLED = os.path.join(os.path.dirname(__file__), "dist_scripts", "train_killed.py")
 REFERENCE_TRAIN_FLAGS = dict(
@@ -48,10 +48,18 @@ def test_no_arguments_means_the_demo_config(monkeypatch, tmp_path):
     assert image_train.parse_args(["--lr", "1e-3"]).image_size == 64  # any flag: the reference defaults
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
-def test_bundled_configs_parse(path):
-    args = image_train.parse_args(["--config", path])
-    assert args.config == path
+@pytest.mark.parametrize("p2_name, baseline_name", TWINS)
+def test_bundled_configs_parse(p2_name, baseline_name):
+    p2, baseline = (vars(image_train.parse_args(["--config", os.path.join(ROOT, "configs", name)]))
+                    for name in (p2_name, baseline_name))
+    row = p2_name[: -len("_p2.yaml")]
+    gamma, dropout, lr, max_steps, num_params = TABLE_A.get(row, (1.0, 0.0, 5e-4, 1000, 1_371_974))  # else demo
+    assert (p2["p2_gamma"], p2["dropout"], p2["lr"], p2["max_steps"]) == (gamma, dropout, lr, max_steps)
+    with torch.device("meta"):
+        model, _ = create_model_and_diffusion(**{k: p2[k] for k in model_and_diffusion_defaults()})
+    assert sum(p.numel() for p in model.parameters()) == num_params
+    # The baseline resolves to its P2 config with gamma = 0 and nothing else different.
+    assert {k for k in p2 if p2[k] != baseline[k]} == {"p2_gamma", "config"} and baseline["p2_gamma"] == 0.0
 
 
 def test_default_log_dir_is_a_new_folder_under_runs(images, tmp_path, monkeypatch):
