@@ -368,9 +368,8 @@ def parse_args(parser, argv=None, config_fallback=None, ignored_keys=frozenset()
     :raises ValueError: unknown keys, values the flag's type refuses, malformed or cyclic files.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    path = parser.parse_known_args(argv)[0].config
-    if not path and config_fallback is not None:
-        path = config_fallback(parser.parse_known_args(argv)[0]) or ""
+    known = parser.parse_known_args(argv)[0]
+    path = known.config or (config_fallback(known) if config_fallback is not None else None) or ""
     if path:
         values = read_config_file(path)
         flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
