@@ -1,5 +1,6 @@
 """guided_diffusion/cli.py: every script ends a user error with one line "<script>: error: ..." and no traceback."""
 
+import importlib
 import importlib.util
 import os
 import subprocess
@@ -20,7 +21,7 @@ USER_ERRORS = [
     ("scripts/reconstruct.py", ["--config", MISSING], "missing.yaml"),
     ("scripts/perceptual_distance.py", ["--config", MISSING], "missing.yaml"),
     ("scripts/sweep_schedules.py", ["--config", MISSING], "missing.yaml"),
-    ("scripts/benchmark.py", ["--config", "no_such_benchmark"], "no_such_benchmark"),
+    ("benchmarks/__main__.py", ["--config", "no_such_benchmark"], "no_such_benchmark"),
     ("scripts/plot_training.py", ["--runs", MISSING, "--out_dir", "unused"], "missing.yaml"),
     ("scripts/plot_weights.py", ["--out_dir", "unused", "--schedules", "quadratic"], "quadratic"),
     ("datasets/prepare.py", ["--source", MISSING, "--dest", "unused"], "missing.yaml"),
@@ -28,6 +29,8 @@ USER_ERRORS = [
 
 
 def load_script(relative_path):
+    if relative_path.endswith("__main__.py"):   # a package run with python -m: its relative imports need its name
+        return importlib.import_module(os.path.dirname(relative_path) + ".__main__")
     name = os.path.splitext(os.path.basename(relative_path))[0] + "_under_test"
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relative_path))
     module = importlib.util.module_from_spec(spec)
@@ -42,7 +45,8 @@ def test_user_error_in_each_script_is_one_line_naming_the_script(script, argv, n
         load_script(script).main(argv)
     message = exit_info.value.code   # Python prints it on stderr and exits with code 1
     assert isinstance(message, str) and "\n" not in message.strip()
-    assert message.startswith(f"{os.path.basename(script)}: error: ") and named in message
+    name = os.path.basename(os.path.dirname(script) if script.endswith("__main__.py") else script)
+    assert message.startswith(f"{name}: error: ") and named in message
 
 
 @pytest.mark.parametrize("script, argv", [("scripts/image_sample.py", ["--model_path", MISSING]),
