@@ -1,4 +1,5 @@
-"""guided_diffusion/cli.py: every script ends a user error with one line "<script>: error: ..." and no traceback."""
+"""Every script's command line: each takes --config (checked like its flags), and ends a user error with one line
+"<script>: error: ..." (guided_diffusion/cli.py) and no traceback."""
 
 import importlib
 import importlib.util
@@ -7,8 +8,10 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from guided_diffusion.cli import INTERRUPTED_EXIT_CODE, script_main
+from guided_diffusion.script_util import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISSING = os.path.join(ROOT, "no_such_dir", "missing.yaml")
@@ -75,3 +78,27 @@ def test_bugs_raise_and_ctrl_c_exits_130_with_the_resume_hint(capsys):
     assert capsys.readouterr().err.strip() == "test_cli.py: interrupted; rerun to resume"
     with pytest.raises(TypeError, match="a bug"):
         buggy()
+
+
+# (script, a flag of that script and a YAML value, the value it parses to, positional arguments)
+CONFIG_VALUES = [
+    ("scripts/image_train.py", "lr", 0.5, 0.5, []),
+    ("scripts/image_sample.py", "num_samples", 3, 3, []),
+    ("scripts/evaluate.py", "metrics", "fid", "fid", ["a.npz", "b.npz"]),
+    ("scripts/reconstruct.py", "snrs", "1,10", "1,10", []),
+    ("scripts/perceptual_distance.py", "num_triplets", 3, 3, []),
+    ("scripts/sweep_schedules.py", "schedules", [10, "5,5"], ["10", "5,5"], []),
+]
+
+
+@pytest.mark.parametrize("script, key, value, parsed, positionals", CONFIG_VALUES, ids=[c[0] for c in CONFIG_VALUES])
+def test_every_script_takes_a_config_checked_like_its_flags(script, key, value, parsed, positionals, tmp_path):
+    module = load_script(script)
+    parse = (lambda argv: parse_args(module.create_argparser(), argv)) if script.endswith("evaluate.py") else \
+        module.parse_args
+    config = tmp_path / "flags.yaml"
+    config.write_text(yaml.safe_dump({key: value}))
+    assert getattr(parse([*positionals, "--config", str(config)]), key) == parsed
+    config.write_text(yaml.safe_dump({key: value, "no_such_flag": 1}))
+    with pytest.raises(ValueError, match="unknown key\\(s\\) no_such_flag"):
+        parse([*positionals, "--config", str(config)])
