@@ -11,8 +11,9 @@ Where flag values come from, later winning:
      other image_train.py flag, also seed, batch_size, precision, compile and channels_last, which there describe
      training) are ignored (guided_diffusion/model_loading.py); any other key is an error;
   3. flags given on the command line.
-A class-conditional checkpoint gets one label per sample, drawn uniformly from its own classes: as many as its label
-embedding (label_emb.weight) has rows, whatever --class_cond model the reference would build (1000 classes).
+Class-conditional checkpoints (--class_cond True): each sample's label is drawn uniformly from the checkpoint's own
+classes, 0 .. R-1 for the R rows of its label embedding (label_emb.weight), not from the 1000 classes the reference
+always assumed; the labels are saved as arr_1 of the npz. (image_train.py builds 1000 rows, as the reference does.)
 Output goes to --sample_dir, by default a folder beside the checkpoint named after it and the schedule
 (e.g. samples_ema_0.9999_100000_250/); rerunning the same command resumes an interrupted run. The folder
 layout, the quantiser and the seeding are described in guided_diffusion/sampling.py.
