@@ -13,6 +13,7 @@ Any other key is an error naming it.
 
 import hashlib
 import os
+import pickle
 
 import torch
 
@@ -72,7 +73,7 @@ def load_model_and_diffusion(args):
     """
     if "://" not in args.model_path and not os.path.isfile(args.model_path):
         raise FileNotFoundError(f"--model_path {args.model_path!r} does not exist")
-    state_dict = dist_util.load_state_dict(args.model_path)
+    state_dict = read_checkpoint(args.model_path)
     if is_training_state(state_dict):
         raise ValueError(
             f"--model_path {args.model_path!r} is a training-state file; sample from the weights saved beside it: "
@@ -86,6 +87,18 @@ def load_model_and_diffusion(args):
         model.convert_to_fp16()
     identity = {"checkpoint_sha256": state_dict_fingerprint(state_dict), **model_flags}
     return model.to(dist_util.dev()).eval(), diffusion, identity
+
+
+def read_checkpoint(path):
+    """The object stored at --model_path (weights_only); a file torch cannot read is a ValueError naming it."""
+    try:
+        return dist_util.load_state_dict(path)
+    # An empty file raises EOFError, a truncated one RuntimeError, other formats KeyError or UnpicklingError.
+    except (EOFError, RuntimeError, KeyError, pickle.UnpicklingError) as err:
+        raise ValueError(
+            f"--model_path {path!r} is not a readable PyTorch checkpoint (empty, truncated or another format): "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no data'}"
+        ) from None
 
 
 def checkpoint_num_classes(state_dict):

@@ -74,3 +74,14 @@ def test_fingerprint_names_the_weights_whatever_the_file_format(tmp_path):
     changed["out.2.bias"][0] += 1e-6
     assert model_loading.state_dict_fingerprint(changed) != fingerprint
     assert model_loading.state_dict_fingerprint({**weights, "out.2.bias": weights["out.2.bias"].double()}) != fingerprint
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text"])
+def test_unreadable_checkpoint_is_a_named_error(run_dir, damage):
+    whole = (run_dir / "ema_0.99_000010.pt").read_bytes()
+    content = {"empty": b"", "truncated": whole[: len(whole) // 2], "text": b"not a checkpoint"}[damage]
+    path = run_dir / "model000010.pt"
+    path.write_bytes(content)
+    args = parse(["--model_path", str(path)])
+    with pytest.raises(ValueError, match="model000010.pt' is not a readable PyTorch checkpoint"):
+        model_loading.load_model_and_diffusion(args)
