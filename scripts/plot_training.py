@@ -20,15 +20,12 @@ is left out of that panel only.
 import argparse
 import math
 import os
-import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion.plotting import save_figure  # noqa: E402
 from guided_diffusion.cli import script_main  # noqa: E402

@@ -12,20 +12,18 @@ Example:
 
 import argparse
 import os
-import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from guided_diffusion.cli import script_main  # noqa: E402
 from guided_diffusion.fileio import write_csv, write_json  # noqa: E402
 from guided_diffusion.plotting import save_figure, shade_stages  # noqa: E402
 from guided_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
 from guided_diffusion.weighting import p2_lambda, weight_summary  # noqa: E402
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

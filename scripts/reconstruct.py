@@ -4,9 +4,9 @@ and run the learned reverse process from t back to 0.
     python scripts/reconstruct.py --model_path RUN_DIR/ema_0.9999_010000.pt --out_dir figures/reconstruct
 
 Flags come from the defaults, then --config, else the config.yaml beside the checkpoint (its training options
-ignored, as in image_sample.py), then the command line; --timestep_respacing is honoured, and each target SNR maps to the respaced step whose SNR
-is nearest (in log scale); the SNR actually used is reported. Image k of the inputs draws its noise from the
-generator of (--seed, k) at every SNR, so results do not depend on --batch_size.
+ignored, as in image_sample.py), then the command line; --timestep_respacing is honoured, and each target SNR maps
+to the respaced step whose SNR is nearest (in log scale); the SNR actually used is reported. Image k of the inputs
+draws its noise from the generator of (--seed, k) at every SNR, so results do not depend on --batch_size.
 
 Writes to --out_dir:
   reconstruction_grid.png     one row per input image (the first --grid_rows), one column per SNR, lowest first,

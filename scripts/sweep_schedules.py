@@ -17,15 +17,11 @@ FID and KID are clean-fid's against --reference (see scripts/evaluate.py; --ince
 
 import copy
 import os
-import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 from guided_diffusion import dist_util, evaluation, inception  # noqa: E402
 from guided_diffusion.plotting import save_figure  # noqa: E402
@@ -90,7 +86,8 @@ def sample_schedule(args, schedule, network):
                                   cache_dir=args.cache_dir, batch_size=args.batch_size, device=str(dist_util.dev()))
     evaluation.save_results_json(metrics, os.path.splitext(result.npz_path)[0] + "_metrics.json")
     return dict(schedule=schedule, sampler=sampler, steps=result.steps_per_sample,
-                network_evaluations_per_image=network_evaluations_per_image(model, diffusion, options), num_samples=result.num_samples, fid=metrics["fid"],
+                network_evaluations_per_image=network_evaluations_per_image(model, diffusion, options),
+                num_samples=result.num_samples, fid=metrics["fid"],
                 kid=metrics["kid"], kid_x1e3=metrics["kid_x1e3"], samples=result.npz_path,
                 feature_network=metrics["feature_network"])
 
