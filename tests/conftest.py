@@ -1,16 +1,11 @@
 import os
-import sys
+import shutil
+import tempfile
 
 import pytest
 import torch
 
-# tests/helpers.py and tests/dist_scripts/*.py are importable by name; the repo root without installation.
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(TESTS_DIR, "dist_scripts"))
-sys.path.insert(0, TESTS_DIR)
-sys.path.insert(0, os.path.dirname(TESTS_DIR))
-
-from train_fixtures import make_image_folder  # noqa: E402
+from train_fixtures import make_image_folder
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -27,3 +22,18 @@ def one_thread():
 def images(tmp_path_factory):
     """A folder of 16 tiny PNGs (20x20, two classes by name prefix)."""
     return make_image_folder(str(tmp_path_factory.mktemp("images")))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_dir():
+    """The speed-option timings (guided_diffusion/speed_options.py) are cached under $XDG_CACHE_HOME: the tests, and
+    the processes they launch, use a fresh folder of their own instead of the user's ~/.cache."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    folder = tempfile.mkdtemp(prefix="p2-test-cache-")
+    os.environ["XDG_CACHE_HOME"] = folder
+    yield folder
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+    shutil.rmtree(folder, ignore_errors=True)

@@ -12,14 +12,12 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_SCRIPTS = os.path.join(ROOT, "tests", "dist_scripts")
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-sys.path.insert(0, DIST_SCRIPTS)
 
-import image_sample  # noqa: E402
-from guided_diffusion.checkpoint import training_state  # noqa: E402
-from guided_diffusion.sampling import read_png  # noqa: E402
-from guided_diffusion.script_util import create_model  # noqa: E402
-from sample_tiny_model import (  # noqa: E402
+import image_sample
+from guided_diffusion.checkpoint import training_state
+from guided_diffusion.sampling import read_png
+from guided_diffusion.script_util import create_model
+from sample_tiny_model import (
     TINY_MODEL_FLAGS,
     perturb_,
     save_tiny_checkpoint,

@@ -4,7 +4,6 @@ as copies of different images at low SNR; the outputs name the network."""
 import csv
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -14,10 +13,7 @@ from test_analysis import save_standin_feature_network
 
 from guided_diffusion import inception, perceptual
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(TESTS), "scripts"))
-
-import perceptual_distance  # noqa: E402
+import perceptual_distance
 
 
 

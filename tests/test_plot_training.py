@@ -3,15 +3,12 @@
 import csv
 import json
 import os
-import sys
 
 import pytest
 
 from guided_diffusion.logger import Logger, read_progress
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-
-import plot_training  # noqa: E402
+import plot_training
 
 STAGES = ("coarse", "content", "cleanup")
 BATCH = 8

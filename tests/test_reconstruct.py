@@ -3,7 +3,6 @@ as SNR falls; scripts/reconstruct.py writes the grid, the numbers and the figure
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -14,11 +13,8 @@ from test_analysis import save_standin_feature_network
 
 from guided_diffusion import analysis, perceptual
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-import reconstruct  # noqa: E402
-from sample_tiny_model import save_tiny_checkpoint, tiny_flags  # noqa: E402
+import reconstruct
+from sample_tiny_model import save_tiny_checkpoint, tiny_flags
 
 SNRS = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
 

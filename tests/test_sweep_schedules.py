@@ -4,7 +4,6 @@ the stand-in Inception network; the model flags come from the config.yaml beside
 import csv
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -15,11 +14,8 @@ from PIL import Image
 from guided_diffusion.analysis import ImageSet
 from guided_diffusion.sampling import SamplingOptions
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-import sweep_schedules  # noqa: E402
-from sample_tiny_model import TINY_MODEL_FLAGS, save_tiny_checkpoint, tiny_model_and_diffusion  # noqa: E402
+import sweep_schedules
+from sample_tiny_model import TINY_MODEL_FLAGS, save_tiny_checkpoint, tiny_model_and_diffusion
 
 
 def test_sweep_samples_evaluates_and_tabulates_each_schedule(tmp_path, capsys):
