@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
+from launchers import clean_env  # noqa: E402
 from train_fixtures import (  # noqa: E402
     ROOT,
     checkpoint_digests,
-    clean_env,
     read_progress,
     train,
     train_argv,

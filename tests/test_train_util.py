@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from launchers import LAUNCHERS, clean_env, launcher_command  # noqa: E402
 from train_fixtures import (  # noqa: E402
     TINY_TRAIN_FLAGS,
     checkpoint_digests,
-    clean_env,
-    has_mpiexec,
-    launcher_command,
     read_progress,
     train,
 )
@@ -66,10 +64,9 @@ def test_saved_model_and_ema_load_strictly_into_a_fresh_model(straight_and_resum
     assert not torch.equal(state["out.2.weight"], trained["out.2.weight"])
 
 
-@pytest.mark.parametrize("launcher", ["mpi", "torchrun"])
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_two_ranks_agree_see_different_data_and_resume_exactly(images, tmp_path, launcher):
-    if launcher == "mpi" and not has_mpiexec():
-        pytest.skip("the venv has no mpiexec (pip install mpich)")
     ranks = {}
     for phase in ("first", "resume"):  # the resume is a new launch, as after a crash or preemption
         result = subprocess.run(

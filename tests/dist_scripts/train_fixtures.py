@@ -93,33 +93,6 @@ def checkpoint_digests(log_dir, step, ema_rates=("0.9", "0.99")):
     }
 
 
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-LAUNCHER_PREFIXES = ("PMI_", "OMPI_", "MV2_", "PMIX_", "HYDRA_", "TORCHELASTIC_")
-
-
-def clean_env(**extra):
-    """This environment without any launcher's variables, one torch thread, no visible GPU (gloo on the CPU)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in LAUNCHER_VARIABLES and not k.startswith(LAUNCHER_PREFIXES)
-    }
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **extra)
-    return env
-
-
-def launcher_command(launcher, script, *args):
-    """Command running `script` on 2 ranks with the venv's mpiexec ("mpi") or torchrun ("torchrun")."""
-    if launcher == "mpi":
-        mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-        return [mpiexec, "-n", "2", sys.executable, "-m", "mpi4py", script, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
-
-
-def has_mpiexec():
-    return os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec"))
-
-
 def read_progress(log_dir):
     """progress.csv rows as {key: float} (empty cells left out)."""
     with open(os.path.join(log_dir, "progress.csv"), newline="") as f:
