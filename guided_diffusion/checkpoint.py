@@ -14,6 +14,7 @@ one, never a torn one. Everything is stored as tensors and primitive containers,
 reads it all.
 """
 
+import hashlib
 import os
 import random
 import re
@@ -370,3 +371,29 @@ def check_same_model_config(saved, current, source):
             f"cannot resume from {source}: the model config differs ({'; '.join(differing)}). "
             "Pass the checkpoint's values (or its config.yaml via --config)"
         )
+
+
+def state_dict_fingerprint(state):
+    """SHA-256 of a state (a state_dict, or nested dicts/lists of tensors and primitives): equal iff bit-identical.
+
+    Hashes every tensor's name, dtype, shape and bytes and every other value's repr, in key order. A flat
+    state_dict's fingerprint names the weights whatever file or format held them (sample folders record it).
+    """
+    digest = hashlib.sha256()
+    _add_to_digest(digest, "", state)
+    return digest.hexdigest()
+
+
+def _add_to_digest(digest, name, value):
+    if torch.is_tensor(value):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            _add_to_digest(digest, f"{name}.{key}" if name else str(key), value[key])
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _add_to_digest(digest, f"{name}[{index}]", item)
+    else:
+        digest.update(f"{name}={value!r};".encode())

@@ -11,14 +11,11 @@ inception_path): in a saved config they describe the training run, not this one;
 Any other key is an error naming it.
 """
 
-import hashlib
 import os
 import pickle
 
-import torch
-
 from . import dist_util
-from .checkpoint import CONFIG_FILE, is_training_state
+from .checkpoint import CONFIG_FILE, is_training_state, state_dict_fingerprint
 from .script_util import (
     args_to_dict,
     build_parser,
@@ -52,16 +49,6 @@ def parse_checkpoint_args(parser, argv=None):
 def _config_beside_checkpoint(args):
     beside = os.path.join(os.path.dirname(args.model_path), CONFIG_FILE)
     return beside if args.model_path and os.path.isfile(beside) else None
-
-
-def state_dict_fingerprint(state_dict):
-    """SHA-256 over keys, dtypes, shapes and bytes: names the weights whatever file or format held them."""
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        tensor = state_dict[key].detach().cpu().contiguous()
-        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def load_model_and_diffusion(args):

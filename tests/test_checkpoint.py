@@ -169,3 +169,31 @@ def test_missing_resume_path_is_reported(tmp_path):
         checkpoint.load_resume_point(str(tmp_path / "nope.pt"), RATES)
     with pytest.raises(FileNotFoundError, match="without checkpoints"):
         checkpoint.load_resume_point(str(tmp_path), RATES)
+
+
+def test_fingerprint_of_a_state_dict_is_unchanged_and_tells_every_bit():
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1.5, -2.0]),
+             "n": torch.tensor(3)}
+    # Sample folders record this value to recognise their checkpoint; it must not change between versions.
+    assert checkpoint.state_dict_fingerprint(state) == (
+        "494598709e8c0181b27b1459834d08287a20e2bfa973ea30236f54e65dd09bf3"
+    )
+    flipped = {**state, "b": torch.tensor([1.5, -2.0]).view(torch.int32).bitwise_xor(1).view(torch.float32)}
+    renamed = {"w": state["w"], "b2": state["b"], "n": state["n"]}
+    reshaped = {**state, "w": state["w"].reshape(3, 2)}
+    fingerprints = {checkpoint.state_dict_fingerprint(s) for s in (state, flipped, renamed, reshaped)}
+    assert len(fingerprints) == 4
+
+
+def test_fingerprint_of_nested_states_covers_tensors_and_primitives():
+    optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
+                 "param_groups": [{"lr": 1e-4, "params": [0]}]}
+    copy = {"state": {0: {k: v.clone() for k, v in optimizer["state"][0].items()}},
+            "param_groups": [{"lr": 1e-4, "params": [0]}]}
+    assert checkpoint.state_dict_fingerprint(optimizer) == checkpoint.state_dict_fingerprint(copy)
+    copy["param_groups"][0]["lr"] = 2e-4
+    assert checkpoint.state_dict_fingerprint(optimizer) != checkpoint.state_dict_fingerprint(copy)
+    # Order and nesting count: the same tensors in another order or structure are another state.
+    zeros, ones = torch.zeros(2), torch.ones(2)
+    fingerprints = {checkpoint.state_dict_fingerprint(s) for s in ([zeros, ones], [ones, zeros], [[zeros], ones])}
+    assert len(fingerprints) == 3

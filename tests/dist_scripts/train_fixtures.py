@@ -5,7 +5,6 @@ thread. Every run uses one torch thread so that results are bit-comparable betwe
 """
 
 import csv
-import hashlib
 import os
 import sys
 
@@ -20,6 +19,8 @@ for path in (ROOT, SCRIPTS):
         sys.path.insert(0, path)
 
 from sample_tiny_model import TINY_MODEL_FLAGS  # noqa: E402
+
+from guided_diffusion.checkpoint import state_dict_fingerprint  # noqa: E402
 
 TINY_TRAIN_FLAGS = dict(
     TINY_MODEL_FLAGS,
@@ -61,34 +62,11 @@ def make_image_folder(folder, count=16, size=20, seed=0):
     return folder
 
 
-def tensor_digest(obj):
-    """SHA-256 over every tensor (and primitive) in a nested state, in key order: equal iff bit-identical."""
-    digest = hashlib.sha256()
-
-    def visit(value):
-        if isinstance(value, torch.Tensor):
-            t = value.detach().cpu().contiguous()
-            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(value, dict):
-            for key in sorted(value, key=str):
-                digest.update(str(key).encode())
-                visit(value[key])
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item)
-        else:
-            digest.update(repr(value).encode())
-
-    visit(obj)
-    return digest.hexdigest()
-
-
 def checkpoint_digests(log_dir, step, ema_rates=("0.9", "0.99")):
-    """{file name: tensor_digest} of the reference files of checkpoint `step`."""
+    """{file name: state_dict_fingerprint} of the reference files of checkpoint `step`."""
     names = [f"model{step:06d}.pt", f"opt{step:06d}.pt"] + [f"ema_{r}_{step:06d}.pt" for r in ema_rates]
     return {
-        name: tensor_digest(torch.load(os.path.join(log_dir, name), map_location="cpu", weights_only=True))
+        name: state_dict_fingerprint(torch.load(os.path.join(log_dir, name), map_location="cpu", weights_only=True))
         for name in names
     }
 

@@ -13,10 +13,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_fixtures import tensor_digest, train_argv  # noqa: E402
+from train_fixtures import train_argv  # noqa: E402
 
 import image_train  # noqa: E402
 from guided_diffusion import dist_util, train_util  # noqa: E402
+from guided_diffusion.checkpoint import state_dict_fingerprint  # noqa: E402
 
 FLAGS = dict(microbatch=2, schedule_sampler="loss-second-moment")
 
@@ -29,7 +30,7 @@ def main():
     run_step = train_util.TrainLoop.run_step
 
     def recording_run_step(self, batch, cond):
-        batches.append(tensor_digest(batch))
+        batches.append(state_dict_fingerprint(batch))
         run_step(self, batch, cond)
 
     train_util.TrainLoop.run_step = recording_run_step
@@ -53,8 +54,8 @@ def main():
         "batches": batches,
     }
     for name, loop in loops.items():
-        report[f"{name}_model"] = tensor_digest(loop.model.state_dict())
-        report[f"{name}_ema"] = tensor_digest(loop.ema_params)
+        report[f"{name}_model"] = state_dict_fingerprint(loop.model.state_dict())
+        report[f"{name}_ema"] = state_dict_fingerprint(loop.ema_params)
         report[f"{name}_step"] = loop.step
     with open(os.path.join(out_dir, f"{phase}_rank{rank}.json"), "w") as f:
         json.dump(report, f)
