@@ -1,4 +1,7 @@
-"""Checkpoints: atomic writes, the reference's files, a full training state, resume lookup (COMPAT §7, §12 #3-#5).
+"""Checkpoints: atomic writes, the reference's files, a full training state, resume lookup and checks.
+
+The reference's files are described in docs/compatibility.md, "Training loop"; the state file and the resume rules
+fix its defects #3-#5 (docs/compatibility.md, "Reference defects fixed here").
 
 A checkpoint at step S (S = optimizer steps the weights have seen; %06d is a minimum width) is these files in the
 log dir, written in this order:
@@ -12,6 +15,10 @@ The state file comes last, so its presence marks the checkpoint complete. Every 
 (temporary file beside the target, fsync, rename), so a crash or SIGKILL leaves either the previous file or the new
 one, never a torn one. Everything is stored as tensors and primitive containers, so `torch.load(weights_only=True)`
 reads it all.
+
+A resume must keep every flag that changes what is trained (model, diffusion and P2 weighting, optimizer, batches,
+precision, seeds); `check_resume_config` compares the resumed run's flags with the checkpoint's. Which flags may
+change (where files go, when to log, save or stop, speed) is the caller's classification, passed in.
 """
 
 import hashlib
@@ -27,15 +34,10 @@ import yaml
 
 from . import dist_util, fileio
 from .fileio import atomic_write
-from .script_util import model_defaults
 
 TRAINING_STATE_FORMAT = "p2-diffusion training state"
 TRAINING_STATE_VERSION = 1
 CONFIG_FILE = "config.yaml"
-
-# Flags that define the network (its state_dict and function); resuming with other values is an error.
-# use_checkpoint (memory only) and use_fp16 (a precision, see --precision) do not change the weights' meaning.
-MODEL_CONFIG_KEYS = tuple(sorted((set(model_defaults()) | {"learn_sigma"}) - {"use_checkpoint", "use_fp16"}))
 
 _MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
 _STATE_FILE = re.compile(r"^state(\d+)\.pt$")
@@ -126,7 +128,8 @@ def checkpoint_files_by_step(log_dir):
 def save_checkpoint(log_dir, state):
     """Write the checkpoint of a training state (see `training_state`): reference files first, state file last.
 
-    An existing complete checkpoint of the same step is never replaced (COMPAT §12 #5); reference files of the
+    An existing complete checkpoint of the same step is never replaced (docs/compatibility.md, "Reference defects
+    fixed here" #5); reference files of the
     same step without a state file are the remains of an interrupted write and are replaced, with a warning.
     """
     step = state["step"]
@@ -255,6 +258,7 @@ class ResumePoint:
     :param optimizer: optimizer state_dict, or None when not found.
     :param state: the whole training state for an exact resume, or None for a reference-style model file.
     :param source: the file the weights came from.
+    :param changed_flags: [(flag, checkpoint's value, run's value)] of the allowed flag changes, for the log.
     """
 
     step: int
@@ -263,22 +267,28 @@ class ResumePoint:
     optimizer: dict = None
     state: dict = None
     source: str = ""
+    changed_flags: list = field(default_factory=list)
 
     @property
     def log_dir(self):
         return os.path.dirname(os.path.abspath(self.source))
 
 
-def load_resume_point(path, ema_rates, config=None):
-    """Find and read what `--resume_checkpoint path` names; every rank calls this (no collective, §12 #3).
+def load_resume_point(path, ema_rates, config=None, may_change=frozenset()):
+    """Find and read what `--resume_checkpoint path` names; every rank calls this.
+
+    Every rank reads the files itself, with no collective (the reference's rank-0-only load hung multi-GPU runs:
+    docs/compatibility.md, "Reference defects fixed here" #3).
 
     :param path: a training-state file (stateNNNNNN.pt), a reference modelNNNNNN.pt (its EMA and optimizer files
         are looked up beside it, with a warning for each one missing), or a log dir (its newest complete
         checkpoint, else its newest model file).
     :param ema_rates: rates (strings as in --ema_rate) the run keeps.
-    :param config: the run's resolved flags; when given, the checkpoint's model flags must equal them.
-    :raises ValueError: for files that do not say their step (ema_/opt files, renamed files), or a model config
-        that differs from `config`.
+    :param config: the run's resolved flags; when given, they are checked against the checkpoint's (the state
+        file's, or the config.yaml beside a reference-style file) with `check_resume_config`.
+    :param may_change: names of the flags that may differ from the checkpoint's (see `check_resume_config`).
+    :raises ValueError: for files that do not say their step (ema_/opt files, renamed files), or a flag outside
+        `may_change` that differs from the checkpoint's.
     """
     if os.path.isdir(path):
         path = _newest_checkpoint_file(path)
@@ -292,7 +302,7 @@ def load_resume_point(path, ema_rates, config=None):
         point = _resume_from_reference_files(loaded, path, ema_rates)
         saved_config = read_config(point.log_dir)
     if config is not None and saved_config is not None:
-        check_same_model_config(saved_config, config, source=path)
+        point.changed_flags = check_resume_config(saved_config, config, may_change, source=path, step=point.step)
     return point
 
 
@@ -326,7 +336,7 @@ def _resume_from_reference_files(model_state, path, ema_rates):
     match = _MODEL_FILE.match(name)
     if match is None:
         raise ValueError(
-            f"--resume_checkpoint {path!r}: cannot tell which step this file holds (COMPAT §12 #4). Pass a "
+            f"--resume_checkpoint {path!r}: cannot tell which step this file holds. Pass a "
             "stateNNNNNN.pt, a modelNNNNNN.pt (its ema_ and opt files are read from beside it) or a log dir. "
             "To start from released weights at step 0, copy them to model000000.pt"
         )
@@ -359,18 +369,41 @@ def _warn_ema_rates(path, ema_rates, found, unused):
         warnings.warn(f"{path}: EMA rate(s) {', '.join(unused)} not in --ema_rate are dropped", stacklevel=4)
 
 
-def check_same_model_config(saved, current, source):
-    """Raise ValueError naming every model flag (MODEL_CONFIG_KEYS) whose value differs between the configs."""
-    differing = [
-        f"--{key} {saved[key]!r} in the checkpoint vs {current[key]!r} now"
-        for key in MODEL_CONFIG_KEYS
-        if key in saved and key in current and saved[key] != current[key]
-    ]
-    if differing:
+def check_resume_config(saved, current, may_change, source, step):
+    """Refuse a resume that changes the maths; return the allowed changes.
+
+    Flags present in only one of the configs (added or removed since the checkpoint) are not compared.
+
+    :param saved: the checkpoint's resolved flags {flag: value}.
+    :param current: the resumed run's resolved flags.
+    :param may_change: names of the flags that may differ (where files go, when to log, save or stop, speed):
+        every other flag changes what is trained, so a resume with another value would silently switch the
+        objective mid-run.
+    :param source, step: the checkpoint file and its step, for the message.
+    :return: [(flag, saved value, current value)] of the flags in `may_change` that differ, in name order.
+    :raises ValueError: naming every other differing flag with both values, and what to do.
+    """
+    changed = [(key, saved[key], current[key]) for key in sorted(saved.keys() & current.keys())
+               if saved[key] != current[key]]
+    forbidden = [f"--{key} {old!r} in the checkpoint vs {new!r} now" for key, old, new in changed
+                 if key not in may_change]
+    if forbidden:
         raise ValueError(
-            f"cannot resume from {source}: the model config differs ({'; '.join(differing)}). "
-            "Pass the checkpoint's values (or its config.yaml via --config)"
+            f"cannot resume from {source}: flags that change what is trained differ from the checkpoint's "
+            f"({'; '.join(forbidden)}). To resume, pass the checkpoint's values (e.g. --config "
+            f"{os.path.join(os.path.dirname(source), CONFIG_FILE)}, the flags of the run that last trained there); "
+            "flags such as --max_steps, --save_interval or --log_interval may change. To use the new values, "
+            f"{restart_advice(os.path.dirname(source), step)}"
         )
+    return [change for change in changed if change[0] in may_change]
+
+
+def restart_advice(log_dir, step):
+    """How to train on from checkpoint `step` with flags a resume may not change: a new run from its weights."""
+    return (
+        f"start a new run from its weights: copy {model_path(log_dir, step)} and its ema_ files into a new folder, "
+        "renamed to step 0 (model000000.pt, ema_<rate>_000000.pt), and pass --resume_checkpoint that folder"
+    )
 
 
 def state_dict_fingerprint(state):

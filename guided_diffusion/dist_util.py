@@ -1,4 +1,6 @@
-"""One distributed setup for mpiexec (the ADM way), torchrun and a plain single process (COMPAT §7).
+"""One distributed setup for mpiexec (the ADM way), torchrun and a plain single process.
+
+The reference's setup is described in docs/compatibility.md, "Training loop" (Distributed training).
 
 - mpiexec: rank and world size come from MPI; rank 0 opens the rendezvous store on a free port and broadcasts
   its address and port over MPI.
@@ -7,8 +9,9 @@
   for no collectives.
 
 nccl on CUDA, gloo otherwise. Each process uses cuda:<local rank> among the devices the user made visible; the
-user's CUDA_VISIBLE_DEVICES is never changed (the reference overwrote it, COMPAT §12 #10). This is the only module
-that reads launcher variables or imports MPI; everything else asks `rank_and_world_size()` and `dev()`.
+user's CUDA_VISIBLE_DEVICES is never changed (the reference overwrote it: docs/compatibility.md, "Reference defects
+fixed here" #10). This is the only module that reads launcher variables or imports MPI; everything else asks
+`rank_and_world_size()` and `dev()`.
 """
 
 import io
@@ -111,7 +114,8 @@ def _mpi_rendezvous_store(comm, all_on_one_node):
 
 
 def load_state_dict(path, map_location="cpu"):
-    """Read a checkpoint on this rank (every rank reads its own copy; no collective, COMPAT §12 #3).
+    """Read a checkpoint on this rank; every rank reads its own copy, with no collective (the reference's rank-0-only
+    load hung multi-GPU resumes: docs/compatibility.md, "Reference defects fixed here" #3).
 
     :param path: local path or a blobfile URL (gs://, az://, https://).
     :return: the object stored, loaded with weights_only=True (tensors and primitive containers only).

@@ -8,7 +8,6 @@ Inception file stops the run before training starts, not hours into it.
 """
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from . import evaluation, inception
@@ -94,9 +93,3 @@ def sampling_options(image_size, class_cond, use_ddim, precision):
         image_size=image_size, class_cond=class_cond, use_ddim=use_ddim, precision=precision, seed=EVAL_SEED
     )
 
-
-@torch.no_grad()
-def load_ema_weights(model, ema_params):
-    """Copy a list of EMA tensors (in model.parameters() order) into `model`'s parameters."""
-    for param, ema in zip(model.parameters(), ema_params):
-        param.copy_(ema)

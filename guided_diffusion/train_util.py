@@ -1,10 +1,13 @@
-"""TrainLoop: the training step, EMA, precision, logging and checkpoint calls (COMPAT §7, §12 #3-#7, #13, #18, #19).
+"""TrainLoop: the training step, EMA, precision, logging and checkpoint calls.
+
+The reference's loop is described in docs/compatibility.md, "Training loop"; the defects fixed here (#3-#7, #13,
+#18, #19) are listed in its "Reference defects fixed here".
 
 One optimizer step:
 1. the batch is split into microbatches; each draws its own t from the schedule sampler and adds its loss scaled by
    its share of the batch, so the gradient is the batch mean whatever the microbatch size (the reference summed,
-   §12 #6); DDP all-reduces once, on the last microbatch;
-2. AdamW steps (fp16: through a dynamic loss scale that unscales every parameter group, §12 #7; a skipped step
+   defect #6); DDP all-reduces once, on the last microbatch;
+2. AdamW steps (fp16: through a dynamic loss scale that unscales every parameter group, defect #7; a skipped step
    changes neither weights nor EMA);
 3. every EMA moves towards the weights: θ_e ← r·θ_e + (1−r)·θ.
 
@@ -32,7 +35,7 @@ from .gaussian_diffusion import SNR_STAGE_NAMES, snr_stage
 from .logger import Logger
 from .precision import PRECISIONS, autocast_for
 from .resample import LossAwareSampler, UniformSampler
-from .train_eval import load_ema_weights
+from .script_util import RESUME_MAY_CHANGE
 
 INITIAL_LG_LOSS_SCALE = 20.0  # the reference's starting log2 loss scale
 # From 2^20, 30 halvings reach 2^-10: no finite loss needs a scale that small, so the loss itself is broken.
@@ -92,6 +95,8 @@ class TrainLoop:
     :param precision: "fp32", "bf16" or "fp16".
     :param keep_checkpoints: keep only the newest N complete checkpoints (0: keep all).
     :param config: resolved flags, stored in the training state and compared on resume.
+    :param resume_may_change: names of the flags of `config` that may differ from the checkpoint's on resume
+        (default: image_train.py's classification); any other difference is an error.
     :param logger: a `Logger` (default: one writing into log_dir on rank 0).
     :param progress: show a tqdm bar on rank 0.
     :param evaluator: called every eval_interval steps with a model holding the first EMA rate's weights; returns
@@ -122,6 +127,7 @@ class TrainLoop:
         precision="fp32",
         keep_checkpoints=0,
         config=None,
+        resume_may_change=RESUME_MAY_CHANGE,
         logger=None,
         progress=True,
         evaluator=None,
@@ -163,13 +169,17 @@ class TrainLoop:
 
         resume = None
         if resume_checkpoint:
-            resume = checkpoint.load_resume_point(resume_checkpoint, self.ema_rates, config=self.config or None)
+            resume = checkpoint.load_resume_point(
+                resume_checkpoint, self.ema_rates, config=self.config or None, may_change=resume_may_change
+            )
             self.model.load_state_dict(resume.model, strict=True)
         self.step = resume.step if resume else 0
         self._last_saved_step = self.step
         checkpoint.check_log_dir(log_dir, self.step, remove_temporaries=self.rank == 0)
         self.logger = logger or Logger(log_dir, enabled=self.rank == 0)
         self.logger.drop_rows_after(self.step)
+        if resume:
+            self._log_resume(resume)
         # Before the EMA copies are made, so that they too start equal on every rank.
         dist_util.sync_params(self.model.parameters())
 
@@ -203,6 +213,13 @@ class TrainLoop:
     # ------------------------------------------------------------------------------------------------------------
     # Resume
 
+    def _log_resume(self, resume):
+        changes = "; ".join(f"--{flag} {old!r} -> {new!r}" for flag, old, new in resume.changed_flags)
+        self.logger.info(
+            f"resuming from {resume.source} at step {resume.step}"
+            + (f"; flags changed since the checkpoint: {changes}" if changes else "")
+        )
+
     def _load_resume_point(self, resume):
         named = [name for name, _ in self.model.named_parameters()]
         with torch.no_grad():
@@ -212,7 +229,7 @@ class TrainLoop:
         if resume.optimizer is not None:
             self.opt.load_state_dict(resume.optimizer)
             match_state_layout(self.opt)
-            # The flag wins over the stored learning rate, so a resume may change --lr.
+            # The flag's learning rate applies: a reference-style file has no stored config to check --lr against.
             for group in self.opt.param_groups:
                 group["lr"] = self.lr
         state = resume.state
@@ -332,8 +349,7 @@ class TrainLoop:
             raise FloatingPointError(
                 f"fp16: {self._consecutive_skipped_steps} consecutive steps up to step {self.step + 1} had inf/NaN "
                 f"gradients (loss scale now {self.grad_scaler.get_scale():g}); the loss itself is not finite. "
-                f"The last good checkpoint is {self._last_checkpoint_description()}; resume from it with "
-                "--precision bf16 or fp32, or a lower --lr (COMPAT §12 #19)"
+                + self._last_checkpoint_advice("with --precision bf16 or fp32, or a lower --lr")
             )
 
     @torch.no_grad()
@@ -369,7 +385,8 @@ class TrainLoop:
         """
         if self._eval_model is None:
             self._eval_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        load_ema_weights(self._eval_model, self.ema_params[self.ema_rates[0]])
+        with torch.no_grad():
+            torch._foreach_copy_(list(self._eval_model.parameters()), self.ema_params[self.ema_rates[0]])
         rng_state = checkpoint.capture_rng_state()
         try:
             scores = self.evaluator(self._eval_model)
@@ -384,8 +401,8 @@ class TrainLoop:
         # fp16 meets inf/NaN losses by design (the loss scale handles them); fp32/bf16 must not.
         if nonfinite and self.precision != "fp16":
             message = (
-                f"the training loss became inf/NaN before step {self.step} ({self.precision}). The last good "
-                f"checkpoint is {self._last_checkpoint_description()}; resume from it with a lower --lr"
+                f"the training loss became inf/NaN before step {self.step} ({self.precision}). "
+                + self._last_checkpoint_advice("with a lower --lr")
             )
             self.logger.info(message)
             raise FloatingPointError(message)
@@ -398,9 +415,16 @@ class TrainLoop:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags.item())
 
-    def _last_checkpoint_description(self):
+    def _last_checkpoint_advice(self, remedy):
+        """Where the last finite weights are and how to train on from them `remedy` (e.g. "with a lower --lr")."""
         steps = checkpoint.complete_steps(self.log_dir)
-        return checkpoint.state_path(self.log_dir, steps[-1]) if steps else "none (no checkpoint was saved)"
+        if not steps:
+            return f"No checkpoint was saved; train again {remedy}"
+        # --lr and --precision change the maths, so a resume may not change them: a new run starts from the weights.
+        return (
+            f"The last good checkpoint is {checkpoint.state_path(self.log_dir, steps[-1])}; to train on from it "
+            f"{remedy}, {checkpoint.restart_advice(self.log_dir, steps[-1])}"
+        )
 
     def save(self):
         """Write the checkpoint of the current step (rank 0), after checking that the weights are finite."""

@@ -1,4 +1,7 @@
-"""Atomic writes, checkpoint files, pruning, random-state capture and resume lookup (COMPAT §7, §12 #3-#5)."""
+"""Atomic writes, checkpoint files, pruning, random-state capture, resume lookup and checks, fingerprints.
+
+The files are the reference's (docs/compatibility.md, "Training loop") plus the state file that fixes its defects
+#3-#5 ("Reference defects fixed here")."""
 
 import os
 import random
@@ -135,16 +138,25 @@ def test_renamed_state_file_still_resumes_at_its_stored_step(tmp_path):
     assert checkpoint.load_resume_point(str(tmp_path / "best.pt"), RATES).step == 8
 
 
-def test_resume_with_different_model_config_names_the_flags(tmp_path):
-    saved = {"num_channels": 32, "image_size": 16, "dropout": 0.0, "lr": 1e-4}
+def test_resume_names_every_changed_flag_outside_may_change_and_returns_the_allowed_ones(tmp_path):
+    saved = {"num_channels": 32, "p2_gamma": 1.0, "dropout": 0.0, "lr": 1e-4, "max_steps": 2, "log_dir": "a"}
     checkpoint.save_checkpoint(str(tmp_path), _state(2, config=saved))
-    changed = {**saved, "num_channels": 64, "image_size": 32, "lr": 2e-5, "dropout": 0}
+    may_change = {"max_steps", "log_dir", "num_workers"}
+    changed = {**saved, "num_channels": 64, "p2_gamma": 0.5, "lr": 2e-5, "dropout": 0, "max_steps": 4, "log_dir": "b"}
     with pytest.raises(ValueError) as error:
-        checkpoint.load_resume_point(str(tmp_path), RATES, config=changed)
-    assert "--num_channels 32" in str(error.value) and "--image_size 16" in str(error.value)
-    assert "--lr" not in str(error.value) and "--dropout" not in str(error.value)
-    # A training flag such as lr may change on resume.
-    checkpoint.load_resume_point(str(tmp_path), RATES, config={**saved, "lr": 2e-5})
+        checkpoint.load_resume_point(str(tmp_path), RATES, config=changed, may_change=may_change)
+    message = str(error.value)
+    for expected in ("--num_channels 32 in the checkpoint vs 64 now", "--p2_gamma 1.0 in the checkpoint vs 0.5 now",
+                     "--lr 0.0001 in the checkpoint vs 2e-05 now"):
+        assert expected in message
+    assert "--dropout 0" not in message and "--max_steps 2" not in message and "--log_dir" not in message
+    # Only flags of may_change differ: the resume goes ahead and reports them; keys of one config alone are skipped.
+    allowed = {**saved, "max_steps": 4, "log_dir": "b", "new_flag": 1}
+    point = checkpoint.load_resume_point(str(tmp_path), RATES, config=allowed, may_change=may_change)
+    assert point.step == 2 and point.changed_flags == [("log_dir", "a", "b"), ("max_steps", 2, 4)]
+    # Without may_change every flag must match.
+    with pytest.raises(ValueError, match="--max_steps 2 in the checkpoint vs 4 now"):
+        checkpoint.load_resume_point(str(tmp_path), RATES, config=allowed)
 
 
 def test_reference_files_are_checked_against_config_yaml_beside_them(tmp_path):

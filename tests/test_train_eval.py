@@ -1,4 +1,4 @@
-"""FID/KID during training (issue 7; paper Fig. 4): logged at eval steps from the EMA weights, resume-safe."""
+"""FID/KID during training (the paper's Fig. 4): logged at eval steps from the EMA weights, resume-safe."""
 
 import os
 

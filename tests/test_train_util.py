@@ -1,9 +1,12 @@
-"""TrainLoop: exact resume (1 and 2 ranks), saved weights, P2 logging, precisions, microbatching, stops (COMPAT §7, §12)."""
+"""TrainLoop: exact resume (1 and 2 ranks), resume checks, saved weights, P2 logging, precisions,
+microbatching, stops (docs/compatibility.md, "Training loop" and "Reference defects fixed here")."""
 
 import json
 import math
 import os
+import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch
 
 from launchers import LAUNCHERS, clean_env, launcher_command  # noqa: E402
 from train_fixtures import (  # noqa: E402
+    ROOT,
     TINY_TRAIN_FLAGS,
     checkpoint_digests,
     read_progress,
@@ -50,6 +54,31 @@ def test_exact_resume_single_process(straight_and_resumed):
     assert checkpoint_digests(str(root / "resumed"), 2) == step2_files
     assert [row["step"] for row in read_progress(str(root / "resumed"))] == [2, 4]
     assert read_progress(str(root / "resumed")) [1]["loss"] == read_progress(str(root / "straight"))[1]["loss"]
+    # --max_steps may change on resume; the change is logged.
+    assert "flags changed since the checkpoint: --max_steps 2 -> 4" in open(root / "resumed" / "log.txt").read()
+
+
+def test_resume_refuses_changed_flags_that_change_the_maths_and_names_each(images, tmp_path):
+    train(images, tmp_path, max_steps=1, save_interval=1)
+    with pytest.raises(SystemExit) as exit_info:
+        train(images, tmp_path, max_steps=2, p2_gamma=0.5, diffusion_steps=50, lr=2e-3,
+              resume_checkpoint=str(tmp_path))
+    message = str(exit_info.value)
+    for expected in ("--p2_gamma 1.0 in the checkpoint vs 0.5 now", "--diffusion_steps 100 in the checkpoint vs 50 now",
+                     "--lr 0.001 in the checkpoint vs 0.002 now", f"--config {tmp_path / 'config.yaml'}",
+                     "model000001.pt"):
+        assert expected in message
+    assert "--max_steps 1 in the checkpoint" not in message  # allowed to change
+    assert checkpoint.complete_steps(str(tmp_path)) == [1]
+    # The advice given works: the weights, copied as step 0 into a new folder, train on with the new values.
+    new_run = tmp_path / "new"
+    new_run.mkdir()
+    for rate in ("0.9", "0.99"):
+        shutil.copy(tmp_path / f"ema_{rate}_000001.pt", new_run / f"ema_{rate}_000000.pt")
+    shutil.copy(tmp_path / "model000001.pt", new_run / "model000000.pt")
+    with pytest.warns(UserWarning, match="optimizer starts afresh"):
+        loop = train(images, new_run, max_steps=1, p2_gamma=0.5, resume_checkpoint=str(new_run))
+    assert loop.step == 1 and loop.diffusion.p2_gamma == 0.5
 
 
 def test_saved_model_and_ema_load_strictly_into_a_fresh_model(straight_and_resumed):
@@ -218,7 +247,8 @@ def _nan_losses_from_call(monkeypatch, first_bad_call):
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path, monkeypatch):
     _nan_losses_from_call(monkeypatch, first_bad_call=2)  # steps 1-2 are fine, step 3 is not
-    with pytest.raises(FloatingPointError, match="state000002.pt"):
+    # The message names the last good checkpoint and how to train on from its weights with a lower --lr.
+    with pytest.raises(FloatingPointError, match="state000002.pt; to train on from it with a lower --lr, .*model000002"):
         train(images, tmp_path, max_steps=6, save_interval=2, log_interval=2)
     assert checkpoint.complete_steps(str(tmp_path)) == [2]
     assert not any(name.endswith("000004.pt") for name in os.listdir(tmp_path))
@@ -292,3 +322,14 @@ def test_create_model_is_unaffected_by_training_flags():
     # The strict-load test above builds the model from MODEL_FLAGS alone; make sure they are the model's flags.
     assert set(MODEL_FLAGS) <= set(model_and_diffusion_defaults())
     assert isinstance(create_model(16, 32, 1, channel_mult="1,2", attention_resolutions="8"), torch.nn.Module)
+
+
+@pytest.mark.parametrize("module, absent", [("guided_diffusion.train_util", "cleanfid"),
+                                            ("guided_diffusion.checkpoint", "guided_diffusion.unet")])
+def test_training_modules_do_not_import_evaluation_or_the_network(module, absent):
+    # A fresh interpreter: this one has imported everything already.
+    code = f"import sys, {module}; print({absent!r} in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False"]

@@ -26,7 +26,8 @@ def main():
     dist.all_reduce(total)
     params = [torch.full((3,), float(rank)), torch.full((2, 2), 10.0 + rank)]
     dist_util.sync_params(params)
-    # Only rank 1 reads the file: a read must involve no collective, or this would hang (COMPAT §12 #3).
+    # Only rank 1 reads the file: a read must involve no collective, or this would hang (the reference's did:
+    # docs/compatibility.md, "Reference defects fixed here" #3).
     loaded = dist_util.load_state_dict(checkpoint)["w"].tolist() if rank == 1 else None
     dist_util.barrier()
     report = dict(
