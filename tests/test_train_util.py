@@ -1,4 +1,4 @@
-"""TrainLoop: exact resume (1 and 2 ranks), resume checks, saved weights, P2 logging, precisions,
+"""TrainLoop: exact resume (1 and 2 ranks), resume checks, EMA, saved weights, P2 logging, precisions,
 microbatching, stops (docs/compatibility.md, "Training loop" and "Reference defects fixed here")."""
 
 import json
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from launchers import LAUNCHERS, clean_env, launcher_command  # noqa: E402
+from sample_tiny_model import perturb_  # noqa: E402
 from train_fixtures import (  # noqa: E402
     ROOT,
     TINY_TRAIN_FLAGS,
@@ -25,7 +26,7 @@ from guided_diffusion import checkpoint, train_util  # noqa: E402
 from guided_diffusion.gaussian_diffusion import snr_stage  # noqa: E402
 from guided_diffusion.logger import Logger  # noqa: E402
 from guided_diffusion.respace import SpacedDiffusion  # noqa: E402
-from guided_diffusion.script_util import create_model, create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 
 TWO_RANKS = os.path.join(os.path.dirname(__file__), "dist_scripts", "train_two_ranks.py")
 LAUNCH_TIMEOUT_S = 180
@@ -186,9 +187,13 @@ def test_reduced_precision_trains_without_nonfinite_values(images, tmp_path, pre
     assert rows[-1]["grad_norm"] > 0
 
 
-def _tiny_loop(tmp_path, **overrides):
+def _tiny_loop(tmp_path, perturbed=False, **overrides):
+    """A TrainLoop on the tiny model; `perturbed`: move its weights off the fresh U-Net's zero output layer first, so
+    that every weight gets a gradient."""
     torch.manual_seed(0)
     model, diffusion = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **MODEL_FLAGS})
+    if perturbed:
+        perturb_(model, scale=0.05)
     kwargs = dict(model=model, diffusion=diffusion, data=None, batch_size=4, microbatch=-1, lr=1e-3,
                   ema_rate="0.9", log_interval=1, save_interval=100, resume_checkpoint="", log_dir=str(tmp_path),
                   progress=False)
@@ -217,10 +222,7 @@ def test_half_batch_microbatches_give_the_full_batch_gradient(tmp_path):
     t, noise = torch.tensor([3, 40, 71, 99]), torch.randn(4, 3, 16, 16)
     gradients = {}
     for microbatch in (4, 2):
-        loop = _tiny_loop(tmp_path / str(microbatch), microbatch=microbatch)
-        with torch.no_grad():  # a fresh U-Net's output layer is zero: move off it so every weight gets a gradient
-            for p in loop.model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+        loop = _tiny_loop(tmp_path / str(microbatch), perturbed=True, microbatch=microbatch)
         draws = _FixedDraws(t, noise, loop.diffusion)
         loop.schedule_sampler, loop.diffusion = draws, draws
         loop.forward_backward(batch, {})
@@ -318,10 +320,22 @@ def test_logger_grows_csv_columns_and_drops_rows_after_a_resume_step(tmp_path):
     assert not os.path.exists(tmp_path / "rank1")
 
 
-def test_create_model_is_unaffected_by_training_flags():
-    # The strict-load test above builds the model from MODEL_FLAGS alone; make sure they are the model's flags.
-    assert set(MODEL_FLAGS) <= set(model_and_diffusion_defaults())
-    assert isinstance(create_model(16, 32, 1, channel_mult="1,2", attention_resolutions="8"), torch.nn.Module)
+def test_ema_of_the_loop_follows_the_weights_after_every_step_at_each_rate(tmp_path):
+    rates = {"0.9": 0.9, "0.75": 0.75}  # not 0.5, where r and 1 - r swapped would give the same EMA
+    loop = _tiny_loop(tmp_path, perturbed=True, ema_rate=",".join(rates), lr=1e-2)
+    # θ_e ← r·θ_e + (1 − r)·θ after each optimizer step, from a copy of the initial weights, in float64.
+    expected = {rate: [p.detach().double().clone() for p in loop.params] for rate in rates}
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        loop.run_step(torch.rand(4, 3, 16, 16, generator=generator) * 2 - 1, {})
+        for rate, r in rates.items():
+            expected[rate] = [r * e + (1 - r) * p.detach().double() for e, p in zip(expected[rate], loop.params)]
+    for rate in rates:
+        for ema, want in zip(loop.ema_params[rate], expected[rate]):
+            torch.testing.assert_close(ema.double(), want, rtol=1e-5, atol=1e-6)
+        # The weights moved far more than the tolerance, so a wrong update cannot pass.
+        lag = max((ema - p).abs().max().item() for ema, p in zip(loop.ema_params[rate], loop.params))
+        assert lag > 1e-3
 
 
 @pytest.mark.parametrize("module, absent", [("guided_diffusion.train_util", "cleanfid"),
