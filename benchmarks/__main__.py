@@ -8,9 +8,10 @@ Run from the repository root (the `benchmarks` folder beside `guided_diffusion` 
         --reference_path ../P2-weighting --out bench.json --markdown bench.md      # the README table
     python -m benchmarks --sampling_cost                                      # network evaluations table
 
-Settings: `eager` (this code base in the plain NCHW layout; what image_train.py runs on a CPU by default is
-`channels_last`), `reference` (the original code at --reference_path: a clone of jychoi118/P2-weighting or
-openai/guided-diffusion), or options joined by "+": compile, channels_last, bf16.
+Settings: `eager` (this code base in the NCHW layout, every upsample folded into its conv), `reference` (the
+original code at --reference_path: a clone of jychoi118/P2-weighting or openai/guided-diffusion), or options joined
+by "+": compile, channels_last, nofold (no upsample folded), auto (layout and folds measured on this CPU, as
+image_train.py and image_sample.py choose them by default), bf16.
 What is timed: benchmarks/__init__.py; how memory is measured: benchmarks/probes.py.
 """
 

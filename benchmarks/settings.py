@@ -7,7 +7,7 @@ from guided_diffusion.script_util import model_and_diffusion_defaults
 PHASES = ("train", "sample")
 REFERENCE_SETTING = "reference"
 EAGER_SETTING = "eager"
-SETTING_OPTIONS = ("compile", "channels_last", "bf16")
+SETTING_OPTIONS = ("compile", "channels_last", "nofold", "auto", "bf16")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,8 @@ class Setting:
     name: str
     reference: bool = False
     compile: bool = False        # torch.compile of the U-Net (Module.compile, in place)
-    channels_last: bool = False  # NHWC memory order of the 4-D weights (and hence the activations)
+    channels_last: object = False  # NHWC memory order of the 4-D weights (and the activations); "auto": measured
+    fold_upsample: object = True   # nearest x2 upsample folded into the next conv; False: plain; "auto": measured
     precision: str = "fp32"      # fp32, or bf16 autocast
 
     @property
@@ -67,7 +68,8 @@ class Setting:
 
 
 def parse_setting(name):
-    """'eager' (the plain NCHW path), 'reference', or '+'-joined options such as 'compile+channels_last'."""
+    """'eager' (NCHW, upsamples folded), 'reference', or '+'-joined options such as 'compile+channels_last' or
+    'auto' (the choices image_train.py makes by default)."""
     name = name.strip()
     if name == REFERENCE_SETTING:
         return Setting(name, reference=True)
@@ -83,7 +85,8 @@ def parse_setting(name):
     return Setting(
         name,
         compile="compile" in options,
-        channels_last="channels_last" in options,
+        channels_last="auto" if "auto" in options else "channels_last" in options,
+        fold_upsample="auto" if "auto" in options else "nofold" not in options,
         precision="bf16" if "bf16" in options else "fp32",
     )
 

@@ -41,14 +41,18 @@ class Countdown:
         return t
 
 
-def _build_model(config, setting, device, seed, memory):
-    """Our model and diffusion for `config`, the model on `device` with the speed options of `setting`; the memory
-    baseline is taken once the model is on its device, before the options change it."""
+def _build_model(config, setting, device, seed, memory, training):
+    """Our model and diffusion for `config`, the model on `device` with the speed options of `setting` ("auto" ones
+    measured for the training or the sampling step, as image_train.py and image_sample.py do); the memory baseline is
+    taken once the model is on its device, before the options change it."""
     seed_everything(seed)
     model, diffusion = create_model_and_diffusion(**model_flags(config))
     model.to(device)
     memory.set_baseline()
-    apply_speed_options(model, compile=setting.compile, channels_last=setting.channels_last)
+    batch_size = config.batch_size if training else config.sample_batch_size
+    apply_speed_options(model, compile=setting.compile, channels_last=setting.channels_last,
+                        fold_upsample=setting.fold_upsample, device=device, batch_size=batch_size, training=training,
+                        log=lambda line: None)
     return model, diffusion
 
 
@@ -56,7 +60,7 @@ class OurTrainStep:
     """One `TrainLoop.run_step` of this code base, with the speed options of `setting`."""
 
     def __init__(self, config, setting, device, seed, memory):
-        model, diffusion = _build_model(config, setting, device, seed, memory)
+        model, diffusion = _build_model(config, setting, device, seed, memory, training=True)
         self._log_dir = tempfile.TemporaryDirectory(prefix="benchmark_train_")
         self.loop = TrainLoop(
             model=model,
@@ -82,7 +86,7 @@ class OurSampleStep:
     """One ancestral `p_sample` of this code base as `generate_batch` runs it (autograd mode, precision, noise)."""
 
     def __init__(self, config, setting, device, seed, memory):
-        model, self.diffusion = _build_model(config, setting, device, seed, memory)
+        model, self.diffusion = _build_model(config, setting, device, seed, memory, training=False)
         model.eval()
         self.network = network_at_precision(model, setting.precision, device)
         batch_size = config.sample_batch_size

@@ -76,7 +76,7 @@ def sample_schedule(args, schedule, network):
     model, diffusion, identity = load_model_and_diffusion(schedule_args)
     options = SamplingOptions(image_size=args.image_size, class_cond=args.class_cond, use_ddim=args.use_ddim,
                               ddim_eta=args.ddim_eta, clip_denoised=args.clip_denoised, precision=args.precision,
-                              seed=args.seed)
+                              seed=args.seed, num_classes=model.num_classes or 0)
     sampler = "ddim" if args.use_ddim else "ancestral"
     folder = f"samples_{schedule.replace(',', '-')}" + ("_ddim" if args.use_ddim else "")
     sample_dir = os.path.join(args.out_dir, folder)

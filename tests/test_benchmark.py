@@ -23,7 +23,11 @@ def test_settings_parse_into_options():
     assert settings.parse_setting("reference").reference
     combined = settings.parse_setting("compile+channels_last+bf16")
     assert (combined.compile, combined.channels_last, combined.precision) == (True, True, "bf16")
-    assert combined.matmul_dtype == "bf16"
+    assert combined.matmul_dtype == "bf16" and combined.fold_upsample is True
+    plain = settings.parse_setting("nofold")
+    assert (plain.channels_last, plain.fold_upsample) == (False, False)
+    auto = settings.parse_setting("auto")   # what image_train.py and image_sample.py choose by default
+    assert (auto.channels_last, auto.fold_upsample) == ("auto", "auto")
     for bad in ("fast", "default", "compile+compile", "eager+compile"):
         with pytest.raises(ValueError, match="not understood"):
             settings.parse_setting(bad)

@@ -56,7 +56,7 @@ def test_user_error_in_each_script_is_one_line_naming_the_script(script, argv, n
                                           ("datasets/prepare.py", ["--source", MISSING, "--dest", "out"])])
 def test_user_error_from_the_command_line_exits_non_zero_with_one_stderr_line(script, argv, tmp_path):
     completed = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=tmp_path, capture_output=True,
-                               text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+                               text=True, timeout=120, env=dict(os.environ))
     assert completed.returncode == 1
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{os.path.basename(script)}: error: "), completed.stderr

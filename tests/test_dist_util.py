@@ -14,7 +14,7 @@ import torch
 
 from guided_diffusion import dist_util
 
-from launchers import LAUNCHERS, clean_env, launcher_command  # noqa: E402
+from launchers import LAUNCHERS, clean_env, launcher_command
 
 DIST_CHECK = os.path.join(os.path.dirname(__file__), "dist_scripts", "dist_check.py")
 LAUNCH_TIMEOUT_S = 120

@@ -227,7 +227,7 @@ def test_missing_inception_weights_offline_give_one_clear_message(data, tmp_path
     weights_dir = tmp_path / "no_weights"
     weights_dir.mkdir()
     env = {key: value for key, value in os.environ.items() if key not in NO_PROXY_VARIABLES}
-    env.update(dict.fromkeys(PROXY_VARIABLES, UNREACHABLE_PROXY), PYTHONPATH=REPO_ROOT)
+    env.update(dict.fromkeys(PROXY_VARIABLES, UNREACHABLE_PROXY))
     argv = [str(weights_dir), data["a_npz"], data["b_dir"], "--cache_dir", str(tmp_path / "cache")]
     completed = subprocess.run(
         [sys.executable, "-c", OFFLINE_CHILD, *argv],

@@ -10,13 +10,11 @@ import pytest
 import torch
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIST_SCRIPTS = os.path.join(ROOT, "tests", "dist_scripts")
-
 import image_sample
 from guided_diffusion.checkpoint import training_state
 from guided_diffusion.sampling import read_png
 from guided_diffusion.script_util import create_model
+from launchers import clean_env, launcher_command, requires_mpiexec
 from sample_tiny_model import (
     TINY_MODEL_FLAGS,
     perturb_,
@@ -24,10 +22,11 @@ from sample_tiny_model import (
     tiny_flags,
 )
 
-VENV_BIN = os.path.dirname(sys.executable)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIST_SCRIPTS = os.path.join(ROOT, "tests", "dist_scripts")
 SUBPROCESS_TIMEOUT_S = 300
 # One thread per process: two processes share two cores, and tiny models gain nothing from threads.
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+SUBPROCESS_ENV = clean_env()
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +109,15 @@ def test_checkpoint_not_fitting_the_flags_names_keys_and_flags(checkpoint, tmp_p
     assert message.startswith("image_sample.py: error:") and "out.2.weight" in message and "--learn_sigma" in message
 
 
+@pytest.mark.slow
+@requires_mpiexec
 def test_same_seed_gives_the_same_samples_on_one_and_two_ranks(checkpoint, tmp_path):
     one_rank = sample(checkpoint, "--num_samples", "7", "--batch_size", "2", "--sample_dir", str(tmp_path / "one"))
     completed = run_script(
-        [
-            os.path.join(VENV_BIN, "mpiexec"), "-n", "2", sys.executable, "-m", "mpi4py",
-            "scripts/image_sample.py", *tiny_flags(timestep_respacing="10"), "--model_path", checkpoint,
+        launcher_command(
+            "mpi", "scripts/image_sample.py", *tiny_flags(timestep_respacing="10"), "--model_path", checkpoint,
             "--num_samples", "7", "--batch_size", "2", "--sample_dir", str(tmp_path / "two"),
-        ]
+        )
     )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.count("7 samples (7 generated now") == 1, "rank 0 alone reports"

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from launchers import clean_env  # noqa: E402
-from train_fixtures import (  # noqa: E402
+from launchers import clean_env
+from train_fixtures import (
     ROOT,
     checkpoint_digests,
     read_progress,
@@ -18,10 +18,10 @@ from train_fixtures import (  # noqa: E402
     train_argv,
 )
 
-import image_train  # noqa: E402
-from guided_diffusion import checkpoint, fileio  # noqa: E402
-from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
-from test_configs import TABLE_A, TWINS  # noqa: E402
+import image_train
+from guided_diffusion import checkpoint, fileio
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from test_configs import TABLE_A, TWINS
 
 KILLED = os.path.join(os.path.dirname(__file__), "dist_scripts", "train_killed.py")
 REFERENCE_TRAIN_FLAGS = dict(
@@ -133,6 +133,7 @@ def test_keep_checkpoints_prunes_older_ones(images, tmp_path):
     assert sorted(checkpoint.checkpoint_files_by_step(str(tmp_path))) == [4, 6]
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_write_keeps_previous_and_resume_is_exact(images, tmp_path):
     flags = dict(max_steps=6, save_interval=2, log_interval=2)
     train(images, tmp_path / "straight", **flags)

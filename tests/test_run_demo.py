@@ -5,11 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import save_standin_inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_demo_pipeline_end_to_end(tmp_path):
     standin = save_standin_inception(tmp_path / "standin.pt")
     log_dir = tmp_path / "demo"

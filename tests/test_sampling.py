@@ -23,7 +23,7 @@ from guided_diffusion.sampling import (
     write_png,
 )
 
-from sample_tiny_model import perturb_, tiny_model_and_diffusion  # noqa: E402
+from sample_tiny_model import perturb_, tiny_model_and_diffusion
 
 IDENTITY = {"checkpoint_sha256": "test"}
 

@@ -15,8 +15,8 @@ from guided_diffusion.speed_options import apply_speed_options
 from guided_diffusion.train_util import _fast_adamw, match_state_layout
 from guided_diffusion.unet import ResBlock, upsampling_layers
 
-from sample_tiny_model import perturb_, save_tiny_checkpoint, tiny_flags, tiny_model_and_diffusion  # noqa: E402
-from train_fixtures import train, train_argv  # noqa: E402
+from sample_tiny_model import perturb_, save_tiny_checkpoint, tiny_flags, tiny_model_and_diffusion
+from train_fixtures import train, train_argv
 
 # Every layer kind of the P2 model: learned sigma (hybrid loss), BigGAN up/down, AdaGN, attention, P2 weighting.
 P2_LIKE = dict(learn_sigma=True, resblock_updown=True, rescale_learned_sigmas=True, p2_gamma=1.0, p2_k=1.0)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 
-from guided_diffusion import inception  # noqa: E402
-from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
-from guided_diffusion.train_eval import TrainingEvaluator, sampling_options  # noqa: E402
-from helpers import save_standin_inception  # noqa: E402
-from train_fixtures import (  # noqa: E402
+from guided_diffusion import inception
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from guided_diffusion.train_eval import TrainingEvaluator, sampling_options
+from helpers import save_standin_inception
+from train_fixtures import (
     TINY_TRAIN_FLAGS,
     checkpoint_digests,
     read_progress,

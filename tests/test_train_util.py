@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from launchers import LAUNCHERS, clean_env, launcher_command  # noqa: E402
-from sample_tiny_model import perturb_  # noqa: E402
-from train_fixtures import (  # noqa: E402
+from launchers import LAUNCHERS, clean_env, launcher_command
+from sample_tiny_model import perturb_
+from train_fixtures import (
     ROOT,
     TINY_TRAIN_FLAGS,
     checkpoint_digests,
@@ -22,11 +22,11 @@ from train_fixtures import (  # noqa: E402
     train,
 )
 
-from guided_diffusion import checkpoint, train_util  # noqa: E402
-from guided_diffusion.gaussian_diffusion import snr_stage  # noqa: E402
-from guided_diffusion.logger import Logger  # noqa: E402
-from guided_diffusion.respace import SpacedDiffusion  # noqa: E402
-from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from guided_diffusion import checkpoint, train_util
+from guided_diffusion.gaussian_diffusion import snr_stage
+from guided_diffusion.logger import Logger
+from guided_diffusion.respace import SpacedDiffusion
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 TWO_RANKS = os.path.join(os.path.dirname(__file__), "dist_scripts", "train_two_ranks.py")
 LAUNCH_TIMEOUT_S = 180

@@ -11,8 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from guided_diffusion import dist_util  # noqa: E402
+from guided_diffusion import dist_util
 
 
 def main():

@@ -15,6 +15,10 @@ import pytest
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 LAUNCHER_PREFIXES = ("PMI_", "OMPI_", "MV2_", "PMIX_", "HYDRA_", "TORCHELASTIC_")
+# The launched test scripts import the entry points (scripts/) and the fixtures beside them by name, as pytest.ini's
+# `pythonpath` lets the tests do; the package itself comes from the install.
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMPORT_PATH = (os.path.join(os.path.dirname(TESTS_DIR), "scripts"), os.path.join(TESTS_DIR, "dist_scripts"))
 
 requires_mpiexec = pytest.mark.skipif(
     not os.path.exists(MPIEXEC), reason=f"the venv has no mpiexec ({MPIEXEC}; pip install mpich)"
@@ -39,11 +43,13 @@ def launcher_command(launcher, script, *args, ranks=2):
 
 
 def clean_env(**extra):
-    """This environment without any launcher's variables, one torch thread, no visible GPU (gloo on the CPU)."""
+    """This environment without any launcher's variables, one torch thread, no visible GPU (gloo on the CPU), and
+    scripts/ and tests/dist_scripts/ importable by name."""
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in LAUNCHER_VARIABLES and not k.startswith(LAUNCHER_PREFIXES)
     }
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **extra)
+    python_path = [*IMPORT_PATH, *filter(None, [env.get("PYTHONPATH")])]
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(python_path), **extra)
     return env

@@ -8,13 +8,9 @@ import os
 import signal
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-import image_sample  # noqa: E402
-from guided_diffusion import sampling  # noqa: E402
-from guided_diffusion.fileio import TEMPORARY_MARKER  # noqa: E402
+import image_sample
+from guided_diffusion import sampling
+from guided_diffusion.fileio import TEMPORARY_MARKER
 
 
 def main():

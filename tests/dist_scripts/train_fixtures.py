@@ -6,21 +6,16 @@ thread. Every run uses one torch thread so that results are bit-comparable betwe
 
 import csv
 import os
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPTS = os.path.join(ROOT, "scripts")
-for path in (ROOT, SCRIPTS):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+from sample_tiny_model import TINY_MODEL_FLAGS
 
-from sample_tiny_model import TINY_MODEL_FLAGS  # noqa: E402
+from guided_diffusion.checkpoint import state_dict_fingerprint
 
-from guided_diffusion.checkpoint import state_dict_fingerprint  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 TINY_TRAIN_FLAGS = dict(
     TINY_MODEL_FLAGS,

@@ -11,10 +11,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_fixtures  # noqa: E402,F401  (puts the repository and scripts/ on sys.path)
-
-import image_train  # noqa: E402
+import image_train
 
 
 def main():

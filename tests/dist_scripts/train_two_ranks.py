@@ -12,12 +12,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_fixtures import train_argv  # noqa: E402
+from train_fixtures import train_argv
 
-import image_train  # noqa: E402
-from guided_diffusion import dist_util, train_util  # noqa: E402
-from guided_diffusion.checkpoint import state_dict_fingerprint  # noqa: E402
+import image_train
+from guided_diffusion import dist_util, train_util
+from guided_diffusion.checkpoint import state_dict_fingerprint
 
 FLAGS = dict(microbatch=2, schedule_sampler="loss-second-moment")
 
