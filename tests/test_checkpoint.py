@@ -31,28 +31,6 @@ def _state(step, value=0.0, config=None):
     )
 
 
-def test_atomic_write_replaces_whole_file_and_leaves_no_temporary(tmp_path):
-    path = str(tmp_path / "f.bin")
-    checkpoint.atomic_write(path, lambda f: f.write(b"old"))
-    checkpoint.atomic_write(path, lambda f: f.write(b"new content"))
-    assert open(path, "rb").read() == b"new content"
-    assert os.listdir(tmp_path) == ["f.bin"]
-
-
-def test_failed_atomic_write_keeps_the_previous_file(tmp_path):
-    path = str(tmp_path / "f.bin")
-    checkpoint.atomic_write(path, lambda f: f.write(b"good"))
-
-    def half_then_fail(f):
-        f.write(b"torn")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        checkpoint.atomic_write(path, half_then_fail)
-    assert open(path, "rb").read() == b"good"
-    assert os.listdir(tmp_path) == ["f.bin"]
-
-
 def test_save_checkpoint_writes_reference_files_and_state(tmp_path):
     log_dir = str(tmp_path)
     checkpoint.save_checkpoint(log_dir, _state(10, value=2.0))
