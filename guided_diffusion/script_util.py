@@ -84,7 +84,8 @@ def train_defaults():
         ema_rate="0.9999",           # comma-separated EMA rates
         log_interval=10,             # steps between progress.csv rows
         save_interval=10000,         # steps between checkpoints
-        resume_checkpoint="",        # stateNNNNNN.pt, modelNNNNNN.pt or a log dir
+        save_interval_minutes=0.0,   # also a checkpoint after this many minutes of wall-clock time; 0 = off
+        resume_checkpoint="",        # stateNNNNNN.pt, modelNNNNNN.pt, a log dir, or "auto" (--log_dir's newest, if any)
         use_fp16=False,              # the reference's spelling of --precision fp16
         fp16_scale_growth=1e-3,      # log2 growth of the fp16 loss scale per step
         seed=0,                      # model init, data order and augmentation, t and noise draws
@@ -95,6 +96,7 @@ def train_defaults():
         keep_checkpoints=0,          # keep only the newest N checkpoints; 0 = keep all
         compile=False,               # torch.compile the U-Net (slow first step; see README "Performance")
         channels_last="auto",        # NHWC convolutions: auto (timed on a CPU), true or false (README "Performance")
+        dist_timeout=30.0,           # minutes a rank waits for its peers (start-up and every collective)
     )
 
 
@@ -129,6 +131,7 @@ def train_flag_defaults():
 RESUME_MAY_CHANGE = frozenset({
     "log_dir", "resume_checkpoint",                                  # where the run lives
     "max_steps", "log_interval", "save_interval", "keep_checkpoints",  # when to stop, log, save, prune
+    "save_interval_minutes", "dist_timeout",                         # wall-clock saves, waiting for peers
     "num_workers", "compile", "channels_last", "use_checkpoint",     # speed and memory; batches are unchanged
     "data_dir",                                                      # the same images may have moved
     "eval_interval", "eval_samples", "eval_batch_size", "eval_reference", "eval_timestep_respacing",
