@@ -21,6 +21,7 @@ after the request there. A single process needs no collective at all.
 """
 
 import collections
+import contextlib
 import signal
 import threading
 import time
@@ -58,28 +59,31 @@ def ignore_stop_signals(worker_id=None):
         signal.signal(signum, signal.SIG_IGN)
 
 
-class StopSignals:
-    """Context manager: while entered, the stop signals set `signum` (the first one received; 0 = none) instead of
-    ending the process. Handlers are installed only in the main thread (Python allows no other) and the previous
-    ones are restored on exit."""
+@contextlib.contextmanager
+def signal_handlers(handler, signums=STOP_SIGNALS):
+    """While entered, `handler(signum, frame)` handles `signums`; the previous handlers are restored on exit.
+    Only in the main thread (Python allows no other); elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            # None: a handler installed outside Python, which cannot be reinstalled; the default is the closest.
+            signal.signal(signum, signal.SIG_DFL if old is None else old)
+
+
+class StopRequest:
+    """`handle` as the stop signals' handler sets `signum` (the first signal received; 0 = none); a later SIGINT
+    outside REPEAT_WINDOW_S raises KeyboardInterrupt."""
 
     def __init__(self):
         self.signum = 0
         self._requested_at = None
-        self._previous = {}
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *exc_info):
-        for signum, handler in self._previous.items():
-            # None: a handler installed outside Python, which cannot be reinstalled; the default is the closest.
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        self._previous = {}
-
-    def _handle(self, signum, frame):
+    def handle(self, signum, frame):
         now = clock()
         if not self.signum:
             self.signum, self._requested_at = signum, now

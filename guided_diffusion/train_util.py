@@ -278,13 +278,14 @@ class TrainLoop:
         )
         decisions = preemption.StepDecisions(self.device, self.rank, self.world_size, self.save_interval_minutes)
         try:
-            with preemption.StopSignals() as signals:
+            request = preemption.StopRequest()
+            with preemption.signal_handlers(request.handle):
                 while not (stop_step and self.step >= stop_step):
                     batch, cond = next(self.data)
                     self.run_step(batch, cond)
                     bar.update(1)
                     # Equal on every rank; the last step finishes the run whatever arrived during it.
-                    stop_signal, save_now = decisions.after_step(signals.signum)
+                    stop_signal, save_now = decisions.after_step(request.signum)
                     stop_signal = stop_signal if self.step != stop_step else 0
                     if stop_signal or self._is_log_step(self.step):
                         scalars = self.log_step()

@@ -2,8 +2,10 @@
 
 Usage: python train_signalled.py SIGNAL STEP RANKS OUT_DIR <image_train flags>      (alone or under a launcher)
 SIGNAL is TERM, USR1 or INT; RANKS "all" or one rank number: the ranks that signal themselves (os.kill) after the
-backward pass of step STEP, before its optimizer step. Each rank's stderr goes to OUT_DIR/stderr_rank{r}.txt and its
-exit code to OUT_DIR/exit_rank{r}.json. A run resumed at or after STEP is not signalled.
+backward pass of step STEP, before its optimizer step; or "wait": there every rank creates OUT_DIR/waiting_rank{r}
+and waits for a signal from outside. Each rank's stderr goes to OUT_DIR/stderr_rank{r}.txt and its
+exit code to OUT_DIR/exit_rank{r}.json. A run resumed at or after STEP is not signalled. With DECISION_LAG=N in the
+environment the ranks' stop decisions lag N steps, as they do on CUDA (guided_diffusion/preemption.py).
 """
 
 import json
@@ -14,7 +16,7 @@ import sys
 import torch
 
 import image_train
-from guided_diffusion import dist_util, train_util
+from guided_diffusion import dist_util, preemption, train_util
 
 
 def main():
@@ -28,11 +30,16 @@ def main():
     optimize = train_util.TrainLoop.optimize
 
     def signalled_optimize(self, log_now):
-        if self.step + 1 == step and ranks in ("all", str(self.rank)):
+        if self.step + 1 == step and ranks == "wait":
+            open(os.path.join(out_dir, f"waiting_rank{self.rank}"), "w").close()
+            signal.pause()
+        elif self.step + 1 == step and ranks in ("all", str(self.rank)):
             os.kill(os.getpid(), getattr(signal, "SIG" + name))
         optimize(self, log_now)
 
     train_util.TrainLoop.optimize = signalled_optimize
+    if "DECISION_LAG" in os.environ:
+        preemption.decision_lag = lambda device, world_size: int(os.environ["DECISION_LAG"])
     code = 0
     try:
         image_train.main(flags)
