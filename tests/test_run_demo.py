@@ -70,13 +70,17 @@ sys.exit(128 + received[0])
 def test_stop_signals_reach_the_stage_in_its_own_session_and_its_code_is_returned(signum):
     code = f"import sys, run_demo; sys.exit(run_demo.run_forwarding_signals([sys.executable, '-c', {STAGE!r}]))"
     demo = subprocess.Popen([sys.executable, "-c", code], env=clean_env(), stdout=subprocess.PIPE, text=True)
+    stage_pid, stage_session = map(int, demo.stdout.readline().split())
     try:
-        stage_pid, stage_session = map(int, demo.stdout.readline().split())
         assert stage_session == stage_pid != os.getsid(demo.pid)  # a terminal's Ctrl-C does not reach it directly
         demo.send_signal(signum)
-        assert demo.wait(timeout=60) == 128 + signum
+        assert demo.wait(timeout=30) == 128 + signum
     finally:
         demo.kill()
+        try:
+            os.kill(stage_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.slow
