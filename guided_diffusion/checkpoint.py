@@ -80,7 +80,7 @@ def check_log_dir(log_dir, start_step, remove_temporaries=True):
         raise FileExistsError(
             f"--log_dir {log_dir} already holds checkpoints of step(s) {', '.join(map(str, newer))}, after the "
             f"start step {start_step}; continuing there would overwrite them. Resume with --resume_checkpoint "
-            f"{log_dir}, or choose another --log_dir"
+            f"auto (or {log_dir}), or choose another --log_dir"
         )
     if remove_temporaries:
         fileio.remove_temporaries(log_dir)
@@ -304,6 +304,16 @@ def load_resume_point(path, ema_rates, config=None, may_change=frozenset()):
     if config is not None and saved_config is not None:
         point.changed_flags = check_resume_config(saved_config, config, may_change, source=path, step=point.step)
     return point
+
+
+def resolve_auto_resume(log_dir):
+    """What `--resume_checkpoint auto` resumes from: the state file of `log_dir`'s newest complete checkpoint, or ""
+    (start fresh) when `log_dir` does not exist or holds none. Incomplete checkpoints and temporary files are
+    ignored, so a job requeued after being killed at any moment reruns the same command."""
+    if not os.path.isdir(log_dir):
+        return ""
+    steps = complete_steps(log_dir)
+    return state_path(log_dir, steps[-1]) if steps else ""
 
 
 def _newest_checkpoint_file(log_dir):

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from . import dist_util, fileio
+from . import dist_util, fileio, preemption
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 DEMO_DATASET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets", "emoji32.zip")
@@ -166,6 +166,9 @@ class ImageBatches:
             sampler=_BatchKeys(self.epoch, self.batch_index, self.batches_per_epoch),
             num_workers=self._num_workers,
             collate_fn=_unchanged,
+            # The main process decides when to stop on a Ctrl-C or a scheduler's signal, which reach the workers
+            # too (the process group); a worker that died of one would end training with a traceback instead.
+            worker_init_fn=preemption.ignore_stop_signals,
         )
 
 

@@ -15,7 +15,9 @@ Precision: the weights are always fp32; bf16 and fp16 run the forward pass under
 
 The step counter counts optimizer steps (skipped fp16 steps included), and it numbers the checkpoints: a file
 numbered S holds weights that have seen S steps. Statistics stay on the device between log steps; the only host
-syncs are at log and save steps (plus the one GradScaler makes in fp16).
+syncs are at log and save steps (plus the one GradScaler makes in fp16). progress.csv gets a row every log_interval
+steps and after step 1 and the last step. SIGTERM, SIGUSR1 and Ctrl-C stop the loop after a checkpoint of the step
+they interrupted (guided_diffusion/preemption.py).
 """
 
 import contextlib
@@ -30,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from . import checkpoint, dist_util
+from . import checkpoint, dist_util, preemption
 from .gaussian_diffusion import SNR_STAGE_NAMES, snr_stage
 from .logger import Logger
 from .precision import PRECISIONS, autocast_for
@@ -84,6 +86,7 @@ class TrainLoop:
     :param lr: AdamW learning rate; with lr_anneal_steps, step s uses lr·(1 − s/lr_anneal_steps).
     :param ema_rate: comma-separated EMA rates, e.g. "0.9999".
     :param log_interval, save_interval: in optimizer steps.
+    :param save_interval_minutes: also a checkpoint when this much wall-clock time passed since the last (0: off).
     :param resume_checkpoint: "" or what `checkpoint.load_resume_point` accepts.
     :param log_dir: folder of the checkpoints and logs.
     :param use_fp16: the reference's flag; True means precision "fp16".
@@ -132,8 +135,10 @@ class TrainLoop:
         progress=True,
         evaluator=None,
         eval_interval=0,
+        save_interval_minutes=0.0,
     ):
         for name, value, minimum in (("batch_size", batch_size, 1), ("log_interval", log_interval, 1),
+                                     ("save_interval_minutes", save_interval_minutes, 0),
                                      ("save_interval", save_interval, 1), ("lr_anneal_steps", lr_anneal_steps, 0),
                                      ("max_steps", max_steps, 0), ("keep_checkpoints", keep_checkpoints, 0),
                                      ("eval_interval", eval_interval, 0)):
@@ -150,6 +155,7 @@ class TrainLoop:
         self.ema_rates = parse_ema_rates(ema_rate)
         self.log_interval = log_interval
         self.save_interval = save_interval
+        self.save_interval_minutes = save_interval_minutes
         self.log_dir = log_dir
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         self.lr_anneal_steps = lr_anneal_steps
@@ -254,7 +260,10 @@ class TrainLoop:
     # The loop
 
     def run_loop(self):
-        """Train until the stop step; checkpoint every save_interval steps and at the end."""
+        """Train until the stop step; checkpoint every save_interval steps (and save_interval_minutes) and at the end.
+
+        :raises preemption.Stopped: after the checkpoint of the step a stop signal interrupted (see preemption.py).
+        """
         stop_step = self._stop_step()
         self.logger.info(
             f"training from step {self.step} to {stop_step or 'forever'}: {self.world_size} rank(s) x batch "
@@ -267,32 +276,47 @@ class TrainLoop:
             dynamic_ncols=True,
             disable=self.rank != 0 or not self.progress,
         )
+        decisions = preemption.StepDecisions(self.device, self.rank, self.world_size, self.save_interval_minutes)
         try:
-            while not (stop_step and self.step >= stop_step):
-                batch, cond = next(self.data)
-                self.run_step(batch, cond)
-                bar.update(1)
-                if self.step % self.log_interval == 0:
-                    scalars = self.log_step()
-                    bar.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
-                if self.step % self.save_interval == 0:
+            request = preemption.StopRequest()
+            with preemption.signal_handlers(request.handle):
+                while not (stop_step and self.step >= stop_step):
+                    batch, cond = next(self.data)
+                    self.run_step(batch, cond)
+                    bar.update(1)
+                    # Equal on every rank; the last step finishes the run whatever arrived during it.
+                    stop_signal, save_now = decisions.after_step(request.signum)
+                    stop_signal = stop_signal if self.step != stop_step else 0
+                    if stop_signal or self._is_log_step(self.step):
+                        scalars = self.log_step()
+                        bar.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
+                    if stop_signal or save_now or self.step % self.save_interval == 0:
+                        self.save()
+                        decisions.saved()
+                    if stop_signal:
+                        stopped = preemption.Stopped(stop_signal, self.step, self.log_dir)
+                        self.logger.info(str(stopped))
+                        raise stopped
+                    if self.evaluator is not None and self.step % self.eval_interval == 0:
+                        self.evaluate()
+                if self.step != self._last_saved_step:
                     self.save()
-                if self.evaluator is not None and self.step % self.eval_interval == 0:
-                    self.evaluate()
-            if self.step != self._last_saved_step:
-                self.save()
         finally:
             bar.close()
 
     def _stop_step(self):
         return min((s for s in (self.max_steps, self.lr_anneal_steps) if s > 0), default=0)
 
+    def _is_log_step(self, step):
+        """Every log_interval steps, and after the first and the last step."""
+        return step % self.log_interval == 0 or step in (1, self._stop_step())
+
     def run_step(self, batch, cond):
         """One optimizer step on a batch of this rank."""
         if self._pending_rng_state is not None:
             checkpoint.restore_rng_state(self._pending_rng_state)
             self._pending_rng_state = None
-        log_now = (self.step + 1) % self.log_interval == 0
+        log_now = self._is_log_step(self.step + 1)
         self.forward_backward(batch, cond)
         self.optimize(log_now)
         self.step += 1

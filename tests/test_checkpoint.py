@@ -154,6 +154,17 @@ def test_check_log_dir_refuses_newer_checkpoints_and_removes_temporaries(tmp_pat
     assert not any(fileio.TEMPORARY_MARKER in name for name in os.listdir(tmp_path))
 
 
+def test_auto_resume_finds_the_newest_complete_checkpoint_else_a_fresh_start(tmp_path):
+    assert checkpoint.resolve_auto_resume(str(tmp_path / "not_yet")) == ""
+    assert checkpoint.resolve_auto_resume(str(tmp_path)) == ""
+    checkpoint.save_checkpoint(str(tmp_path), _state(2))
+    checkpoint.save_checkpoint(str(tmp_path), _state(4))
+    # Newer but incomplete: a reference model file without its state file, and a killed write's temporary file.
+    torch.save({"w": torch.zeros(1)}, tmp_path / "model000006.pt")
+    (tmp_path / f".state000008.pt{fileio.TEMPORARY_MARKER}123").write_bytes(b"torn")
+    assert checkpoint.resolve_auto_resume(str(tmp_path)) == str(tmp_path / "state000004.pt")
+
+
 def test_missing_resume_path_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint.load_resume_point(str(tmp_path / "nope.pt"), RATES)

@@ -105,8 +105,25 @@ def test_image_sample_reads_the_saved_config(images, tmp_path):
 
 def test_log_dir_with_checkpoints_needs_resume(images, tmp_path):
     train(images, tmp_path, max_steps=2)
-    with pytest.raises(SystemExit, match="already holds checkpoints of step\\(s\\) 2"):
+    with pytest.raises(SystemExit, match="already holds checkpoints of step\\(s\\) 2.* --resume_checkpoint auto"):
         train(images, tmp_path, max_steps=4)
+
+
+def test_auto_resume_starts_fresh_then_resumes_from_the_newest_complete_checkpoint(images, tmp_path):
+    run_dir = tmp_path / "run"  # does not exist yet
+    fresh = train(images, run_dir, max_steps=4, resume_checkpoint="auto")
+    assert fresh.step == 4 and "holds no complete checkpoint; starting at step 0" in (run_dir / "log.txt").read_text()
+    # A killed write left step 6 incomplete: the rerun resumes from step 4 and replaces it.
+    torch.save({"w": torch.zeros(1)}, run_dir / "model000006.pt")
+    with pytest.warns(UserWarning, match="incomplete checkpoint"):
+        resumed = train(images, run_dir, max_steps=6, resume_checkpoint="auto")
+    assert resumed.step == 6 and checkpoint.complete_steps(str(run_dir)) == [2, 4, 6]
+    assert f"resuming from {run_dir / 'state000004.pt'} at step 4" in (run_dir / "log.txt").read_text()
+    # The config saved by an `auto` run does not stop a resume that names the checkpoint, nor the other way round.
+    train(images, run_dir, max_steps=8, resume_checkpoint=str(run_dir / "state000006.pt"))
+    assert train(images, run_dir, max_steps=10, resume_checkpoint="auto").step == 10
+    with pytest.raises(SystemExit, match="--resume_checkpoint auto .* pass --log_dir"):
+        image_train.main(train_argv(images, "", resume_checkpoint="auto"))
 
 
 def test_resume_with_another_model_config_names_the_flags(images, tmp_path):

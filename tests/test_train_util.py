@@ -51,10 +51,11 @@ def test_exact_resume_single_process(straight_and_resumed):
     assert checkpoint_digests(str(root / "straight"), 4) == checkpoint_digests(str(root / "resumed"), 4)
     for a, b in zip(straight.schedule_sampler.state_dict().values(), resumed.schedule_sampler.state_dict().values()):
         assert torch.equal(a, b)
-    # The resume did not rewrite the checkpoint it started from, and logged each step once.
+    # The resume did not rewrite the checkpoint it started from, and logged each step once (step 1, then every
+    # log_interval), as the straight run.
     assert checkpoint_digests(str(root / "resumed"), 2) == step2_files
-    assert [row["step"] for row in read_progress(str(root / "resumed"))] == [2, 4]
-    assert read_progress(str(root / "resumed")) [1]["loss"] == read_progress(str(root / "straight"))[1]["loss"]
+    assert [row["step"] for row in read_progress(str(root / "resumed"))] == [1, 2, 4]
+    assert read_progress(str(root / "resumed"))[-1]["loss"] == read_progress(str(root / "straight"))[-1]["loss"]
     # --max_steps may change on resume; the change is logged.
     assert "flags changed since the checkpoint: --max_steps 2 -> 4" in open(root / "resumed" / "log.txt").read()
 
@@ -145,9 +146,12 @@ def test_p2_and_baseline_log_weighted_and_unweighted_mse(images, tmp_path, monke
     # lr 0 keeps the zero-initialised output layer: the model predicts 0, so mse_raw_i = mean(ε_i²) and the
     # weighted/unweighted ratio of a quartile is the P2 weight averaged over its samples (weighted by mse_raw).
     calls = _record_losses(monkeypatch)
-    train(images, tmp_path, p2_gamma=p2_gamma, learn_sigma=False, lr=0.0, batch_size=8, max_steps=4,
-           log_interval=4, save_interval=4)
-    row = read_progress(str(tmp_path))[0]
+    train(images, tmp_path, p2_gamma=p2_gamma, learn_sigma=False, lr=0.0, batch_size=8, max_steps=5,
+           log_interval=5, save_interval=5)
+    first, row = read_progress(str(tmp_path))  # after step 1, and of steps 2-5
+    assert (first["step"], row["step"]) == (1, 5)
+    assert first["mse_raw"] == pytest.approx(calls[0][1]["mse_raw"].double().mean().item(), rel=1e-5)
+    calls = calls[1:]
     t = torch.cat([c[0] for c in calls])
     mse_raw = torch.cat([c[1]["mse_raw"] for c in calls]).double()
     mse = torch.cat([c[1]["mse"] for c in calls]).double()
@@ -299,6 +303,16 @@ def test_loss_stats_bin_by_quartile_and_stage():
             assert means[f"loss_{name}"] == pytest.approx(float(np.mean((loss * weights).numpy()[stages == s])))
     assert means["grad_norm"] == 7.0 and "vb" not in means
     assert stats.pop_means()[0] == {}  # reset after popping
+
+
+def test_progress_rows_after_the_first_and_the_last_step_whatever_log_interval(images, tmp_path):
+    train(images, tmp_path, max_steps=6, log_interval=10, save_interval=100)
+    rows = read_progress(str(tmp_path))
+    assert [row["step"] for row in rows] == [1, 6]
+    assert all("loss" in row and "grad_norm" in row for row in rows)
+    # A resume logs neither step again; its rows continue at the log_interval steps and its last step.
+    train(images, tmp_path, max_steps=12, log_interval=10, save_interval=100, resume_checkpoint=str(tmp_path))
+    assert [row["step"] for row in read_progress(str(tmp_path))] == [1, 6, 10, 12]
 
 
 def test_logger_grows_csv_columns_and_drops_rows_after_a_resume_step(tmp_path):
