@@ -272,8 +272,9 @@ def test_checkpoint_written_on_the_gpu_resumes_on_the_cpu_and_back(tmp_path, mon
         """Weights and AdamW state (step, exp_avg, exp_avg_sq) equal `other`'s, on `device_type`."""
         for param, other_param in zip(loop.params, other.params):
             assert param.device.type == device_type and torch.equal(param.cpu(), other_param.cpu())
-            other_state = other.opt.state[other_param]
-            for key, value in loop.opt.state[param].items():
+            state, other_state = loop.opt.state[param], other.opt.state[other_param]
+            assert sorted(state) == sorted(other_state) == ["exp_avg", "exp_avg_sq", "step"]
+            for key, value in state.items():
                 assert value.device.type == device_type and torch.equal(value.cpu(), other_state[key].cpu()), key
 
     gpu = loop_on(DEVICE, 2)
