@@ -26,7 +26,8 @@
 # Then summary.md and summary.json. A failed part does not stop the others (sampling needs train's checkpoint);
 # the exit status is 0 if every part passed, 1 otherwise, 2 for bad arguments.
 # Needs, beside torch: numpy pillow pyyaml tqdm blobfile clean-fid scipy pytest (and triton, which comes with CUDA
-# builds of torch, for torch.compile). Runs with ${PYTHON:-python}; the code is this checkout's (PYTHONPATH).
+# builds of torch, for torch.compile); env.log names any missing one and the parts it fails. Runs with
+# ${PYTHON:-python}; the code is this checkout's (PYTHONPATH).
 
 set -u -o pipefail
 
@@ -154,36 +155,36 @@ run_part env "$PY" - "$DRY" "$OUT/env.json" "$REFERENCE" << 'EOF'
 import importlib, json, platform, shutil, subprocess, sys
 
 dry, path, reference = sys.argv[1] == "1", sys.argv[2], sys.argv[3]
-needed = {"torch": "torch", "numpy": "numpy", "PIL": "pillow", "yaml": "pyyaml", "tqdm": "tqdm",
-          "blobfile": "blobfile", "cleanfid": "clean-fid", "scipy": "scipy", "pytest": "pytest"}
-optional = {"mpi4py": "mpi4py (the reference code imports it)"} if reference else {}
+# What imports each package; a missing one fails those parts only (the machine may be offline: no pip there).
+users = {"numpy": "all", "PIL": "all", "yaml": "all", "tqdm": "all", "blobfile": "tests, train",
+         "cleanfid": "tests, train, sample", "scipy": "tests, train", "pytest": "tests"}
+if reference:
+    users["mpi4py"] = "benchmark (the reference code)"
 if not dry:
-    optional["triton"] = "triton (torch.compile on CUDA: the compile test and benchmark settings)"
-versions, missing, missing_optional = {}, [], []
-for module, package in {**needed, **optional}.items():
+    users["triton"] = "tests (compile), benchmark_compile"
+versions, missing = {}, {}
+for module in ["torch", *users]:
     try:
         versions[module] = str(getattr(importlib.import_module(module), "__version__", "installed"))
     except ImportError:
-        (missing if module in needed else missing_optional).append(package)
+        missing[module] = users.get(module, "all")
+if "torch" in missing:
+    sys.exit("torch is not installed for this python: every part needs it (set PYTHON=/path/to/python)")
+import torch
+import guided_diffusion
 info = dict(python=sys.version.split()[0], executable=sys.executable, platform=platform.platform(),
-            packages=versions, missing=missing, missing_optional=missing_optional, dry=dry)
-if "torch" in versions:
-    import torch
-    import guided_diffusion
-    info.update(torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
-                gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-                cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-                guided_diffusion=guided_diffusion.__file__)
+            packages=versions, missing=missing, dry=dry, torch_cuda=torch.version.cuda,
+            cuda_available=torch.cuda.is_available(),
+            gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            guided_diffusion=guided_diffusion.__file__)
 if shutil.which("nvidia-smi") and not dry:
-    smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False)
-    print(smi.stdout)
+    print(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout)
 with open(path, "w") as f:
     json.dump(info, f, indent=1)
 print(json.dumps(info, indent=1))
-for package in missing_optional:
-    print(f"warning: {package} is not installed")
-if missing:
-    sys.exit(f"missing packages: pip install {' '.join(missing)}")
+for module, parts in missing.items():
+    print(f"warning: {module} is not installed; these parts will fail: {parts}")
 if not dry and not info["cuda_available"]:
     sys.exit("torch sees no CUDA GPU (torch.cuda.is_available() is False); on a CPU use --dry")
 EOF
