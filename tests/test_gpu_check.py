@@ -13,6 +13,8 @@ import pytest
 import torch
 from train_fixtures import ROOT, read_progress
 
+from benchmarks import run, settings
+
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 PARTS = ["env", "tests", "data", "train", "sample", "benchmark", "benchmark_compile"]
 
@@ -43,10 +45,10 @@ def test_dry_run_passes_every_part_and_writes_its_results(tmp_path):
     assert part_statuses(out) == dict.fromkeys(PARTS, "passed")
     skipped = skip_messages(out / "pytest_cuda.xml")
     assert len(skipped) >= 10 and all("CUDA" in (message or "") for message in skipped.values())
-    for name, settings in (("benchmark", ["eager"]), ("benchmark_compile", ["channels_last"])):
+    for name, setting in (("benchmark", "eager"), ("benchmark_compile", "channels_last")):
         bench = json.loads((out / f"{name}.json").read_text())
-        assert bench["meta"]["settings"] == settings and (out / f"{name}.md").exists()
-        for entry in bench["results"][settings[0]].values():
+        assert bench["meta"]["settings"] == [setting] and (out / f"{name}.md").exists()
+        for entry in bench["results"][setting].values():
             assert entry["images_per_s"] > 0 and 0 < entry["matmul_peak_fraction"]
     assert read_progress(out / "train")[-1]["step"] == 4
     with np.load(out / "samples" / "samples_2x32x32x3.npz") as samples:
@@ -96,3 +98,15 @@ def test_every_cuda_test_is_marked_and_skips_with_a_reason_on_a_cpu(tmp_path):
     assert len(skipped) >= 10
     for name, message in skipped.items():
         assert message and "CUDA" in message, name
+
+
+@pytest.mark.parametrize("device,name,dtype", [("cuda", "eager", "tf32"), ("cuda", "bf16", "bf16"),
+                                               ("cpu", "eager", "fp32"), ("cpu", "bf16", "bf16")])
+def test_benchmark_share_of_peak_uses_the_dtype_the_kernels_run(device, name, dtype, monkeypatch):
+    # cuDNN runs fp32 convolutions in TF32 unless told otherwise: a GPU's fp32 settings are held to the TF32 peak.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    result = {"model_flops_per_image": {"forward_backward": 3e9, "forward": 1e9},
+              "matmul_peak_gflops": {"fp32": 100.0, "tf32": 400.0, "bf16": 800.0}}
+    achieved = run._achieved(result, settings.parse_setting(name), "train", 20.0, torch.device(device))
+    assert achieved["matmul_peak_dtype"] == dtype
+    assert achieved["matmul_peak_fraction"] == pytest.approx(60.0 / result["matmul_peak_gflops"][dtype])
