@@ -159,11 +159,12 @@ class MatmulPeak:
     """The machine's measured matmul peak per dtype: the best GFLOP/s of a [size, size] @ [size, size] product,
     sampled again between rounds of steps so that a moment of load elsewhere does not lower it.
 
-    :param dtype_names: "fp32" (TF32 off) and/or "bf16".
+    :param dtype_names: any of "fp32" (TF32 off), "tf32" (fp32 tensors, TF32 on: what cuDNN's fp32 convolutions run
+        by default on a GPU) and "bf16".
     :param size: matrix side (default 2048 on a CPU, 8192 on a GPU).
     """
 
-    DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 
     def __init__(self, dtype_names, device, size=None):
         size = size or (8192 if device.type == "cuda" else 2048)
@@ -180,9 +181,9 @@ class MatmulPeak:
     def sample(self, repeats=1):
         """Time `repeats` products per dtype; keep the best rate."""
         tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
         try:
             for name, (a, b) in self.operands.items():
+                torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
                 for _ in range(repeats):
                     rate = self.flop / timed(lambda: a @ b, self.device) / 1e9
                     self.gflops[name] = max(self.gflops[name], rate)

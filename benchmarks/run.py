@@ -66,7 +66,8 @@ def run_benchmark(plan):
     # The matmul probe runs in this process, with the workers' thread count, while every worker waits.
     torch.set_num_threads(threads)
     try:
-        dtypes = ["fp32"] + (["bf16"] if device.type == "cuda" or any(s.precision == "bf16" for s in settings) else [])
+        dtypes = ["fp32"] + (["tf32"] if device.type == "cuda" else [])
+        dtypes += ["bf16"] if device.type == "cuda" or any(s.precision == "bf16" for s in settings) else []
         matmul = MatmulPeak(dtypes, device)
         matmul.sample(repeats=3)
         result = dict(
@@ -99,15 +100,19 @@ def run_benchmark(plan):
     result["matmul_peak_gflops"] = dict(matmul.gflops)
     for setting in settings:
         for phase, entry in result["results"][setting.name].items():
-            entry.update(_achieved(result, setting, phase, entry["images_per_s"]))
+            entry.update(_achieved(result, setting, phase, entry["images_per_s"], device))
     result["ratios"] = speed_ratios(result)
     return result
 
 
-def _achieved(result, setting, phase, images_per_s):
-    """Model GFLOP/s at this throughput and its share of the measured matmul peak of the setting's dtype."""
+def _achieved(result, setting, phase, images_per_s, device):
+    """Model GFLOP/s at this throughput and its share of the measured matmul peak of the setting's dtype (for fp32 on
+    a GPU the TF32 peak, as cuDNN runs the fp32 convolutions, nearly all of the U-Net's FLOPs, in TF32 by default)."""
     flops = result["model_flops_per_image"]["forward_backward" if phase == "train" else "forward"]
     gflops = flops * images_per_s / 1e9
-    peak = result["matmul_peak_gflops"].get(setting.matmul_dtype)
+    dtype = setting.matmul_dtype
+    if dtype == "fp32" and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        dtype = "tf32"
+    peak = result["matmul_peak_gflops"].get(dtype)
     return dict(model_gflops_per_s=gflops, matmul_peak_fraction=gflops / peak if peak else None,
-                matmul_peak_dtype=setting.matmul_dtype)
+                matmul_peak_dtype=dtype)
