@@ -4,7 +4,6 @@ A 16 px, 32-channel, two-level U-Net with learned sigmas and T = 100 trains a st
 thread. Every run uses one torch thread so that results are bit-comparable between processes.
 """
 
-import csv
 import os
 
 import numpy as np
@@ -14,6 +13,7 @@ from PIL import Image
 from sample_tiny_model import TINY_MODEL_FLAGS
 
 from guided_diffusion.checkpoint import state_dict_fingerprint
+from guided_diffusion.logger import read_progress  # noqa: F401 (the tests import it from here with the fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
@@ -65,8 +65,3 @@ def checkpoint_digests(log_dir, step, ema_rates=("0.9", "0.99")):
         for name in names
     }
 
-
-def read_progress(log_dir):
-    """progress.csv rows as {key: float} (empty cells left out)."""
-    with open(os.path.join(log_dir, "progress.csv"), newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
