@@ -13,7 +13,7 @@ from guided_diffusion.logger import Logger
 from guided_diffusion.precision import network_at_precision, sampling_autograd_mode
 from guided_diffusion.sampling import PerSampleGenerator
 from guided_diffusion.script_util import create_model_and_diffusion
-from guided_diffusion.speed_options import apply_speed_options
+from guided_diffusion.speed_options import applied_speed_options, apply_speed_options
 from guided_diffusion.train_util import TrainLoop, seed_everything
 
 from .settings import model_flags, train_loop_arguments
@@ -44,7 +44,8 @@ class Countdown:
 def _build_model(config, setting, device, seed, memory, training):
     """Our model and diffusion for `config`, the model on `device` with the speed options of `setting` ("auto" ones
     measured for the training or the sampling step, as image_train.py and image_sample.py do); the memory baseline is
-    taken once the model is on its device, before the options change it."""
+    taken once the model is on its device, before the options change it. Also what the options left on the model
+    (speed_options.applied_speed_options), which the report records per setting."""
     seed_everything(seed)
     model, diffusion = create_model_and_diffusion(**model_flags(config))
     model.to(device)
@@ -53,14 +54,14 @@ def _build_model(config, setting, device, seed, memory, training):
     apply_speed_options(model, compile=setting.compile, channels_last=setting.channels_last,
                         fold_upsample=setting.fold_upsample, device=device, batch_size=batch_size, training=training,
                         log=lambda line: None)
-    return model, diffusion
+    return model, diffusion, applied_speed_options(model)
 
 
 class OurTrainStep:
     """One `TrainLoop.run_step` of this code base, with the speed options of `setting`."""
 
     def __init__(self, config, setting, device, seed, memory):
-        model, diffusion = _build_model(config, setting, device, seed, memory, training=True)
+        model, diffusion, self.applied = _build_model(config, setting, device, seed, memory, training=True)
         self._log_dir = tempfile.TemporaryDirectory(prefix="benchmark_train_")
         self.loop = TrainLoop(
             model=model,
@@ -86,7 +87,7 @@ class OurSampleStep:
     """One ancestral `p_sample` of this code base as `generate_batch` runs it (autograd mode, precision, noise)."""
 
     def __init__(self, config, setting, device, seed, memory):
-        model, self.diffusion = _build_model(config, setting, device, seed, memory, training=False)
+        model, self.diffusion, self.applied = _build_model(config, setting, device, seed, memory, training=False)
         model.eval()
         self.network = network_at_precision(model, setting.precision, device)
         batch_size = config.sample_batch_size

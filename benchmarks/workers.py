@@ -54,7 +54,9 @@ def _worker_main(connection, request):
             torch.cuda.set_device(device)
         memory = PeakMemory(device)
         step = _build_step(request, memory)
-        connection.send({"ready": {"dropped_flags": getattr(step, "dropped_flags", [])}})
+        # The reference's steps drop flags it lacks; ours report the speed options applied.
+        connection.send({"ready": {"dropped_flags": getattr(step, "dropped_flags", []),
+                                   "applied": getattr(step, "applied", None)}})
         while True:
             command = connection.recv()
             if command[0] == "steps":
@@ -126,7 +128,8 @@ def run_interleaved(plan, settings, phase, threads, device, between_rounds):
 
     :param plan: a BenchmarkPlan (config_name, warmup, repeats, seed, reference_path, progress).
     :return: {setting name: time_statistics of the timed steps, with batch_size, warmup_s (seconds of each
-        warm-up step), memory (Worker.finish) and dropped_reference_flags}.
+        warm-up step), memory (Worker.finish), dropped_reference_flags and applied_speed_options (None for the
+        reference)}.
     """
     config = get_config(plan.config_name)
     batch_size = config.batch_size if phase == "train" else config.sample_batch_size
@@ -166,6 +169,7 @@ def run_interleaved(plan, settings, phase, threads, device, between_rounds):
                 warmup_s=warmup_seconds[setting.name],
                 memory=worker.finish(),
                 dropped_reference_flags=worker.info["dropped_flags"],
+                applied_speed_options=worker.info["applied"],
             )
         return entries
     finally:

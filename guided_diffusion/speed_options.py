@@ -102,6 +102,20 @@ def apply_speed_options(
     return model
 
 
+def applied_speed_options(model):
+    """What `apply_speed_options` left on `model`, read from the model itself (so a report cannot claim a setting that
+    was not applied): {"channels_last": every 4-D weight in NHWC order, "folded_upsamples": [names of the upsampling
+    layers with the fold on], "upsampling_layers": how many there are, "compiled": the forward is compiled}."""
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    layers = upsampling_layers(model)
+    return dict(
+        channels_last=bool(weights) and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights),
+        folded_upsamples=[name for name, layer in layers.items() if layer.fold_upsample],
+        upsampling_layers=len(layers),
+        compiled=getattr(model, "_compiled_call_impl", None) is not None,
+    )
+
+
 def _set_layout(model, channels_last):
     model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 

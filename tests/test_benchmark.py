@@ -193,6 +193,10 @@ def test_end_to_end_run_writes_json_and_markdown(tmp_path, capsys):
             assert entry["images_per_s"] == pytest.approx(4 / entry["median_s"])
             assert entry["memory"]["baseline_mib"] > 0 and entry["memory"]["peak_mib"] > 0
             assert entry["model_gflops_per_s"] > 0 and 0 < entry["matmul_peak_fraction"]
+            # Each worker ran the layout its setting names, folds on (the eager default), nothing compiled.
+            applied = entry["applied_speed_options"]
+            assert applied["channels_last"] == (setting == "channels_last") and not applied["compiled"]
+            assert len(applied["folded_upsamples"]) == applied["upsampling_layers"] > 0
     # The same model keeps the same activations in either memory layout.
     assert result["results"]["channels_last"]["train"]["memory"]["saved_for_backward_mib"] == pytest.approx(
         result["results"]["eager"]["train"]["memory"]["saved_for_backward_mib"]
