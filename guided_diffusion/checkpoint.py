@@ -16,6 +16,11 @@ The state file comes last, so its presence marks the checkpoint complete. Every 
 one, never a torn one. Everything is stored as tensors and primitive containers, so `torch.load(weights_only=True)`
 reads it all.
 
+Every checkpoint file is read with `torch_files.read_checkpoint_file` (weights_only=True: a file torch cannot read, or
+one holding other pickled objects, is one error naming it, and nothing is unpickled). A resume from a log dir skips a
+newer checkpoint with a file that does not open (truncated by a full disk or a failed copy), with a warning naming
+the file, and renames that checkpoint's files aside (`newest_readable_checkpoint`).
+
 A resume must keep every flag that changes what is trained (model, diffusion and P2 weighting, optimizer, batches,
 precision, seeds); `check_resume_config` compares the resumed run's flags with the checkpoint's. Which flags may
 change (where files go, when to log, save or stop, speed) is the caller's classification, passed in.
@@ -32,8 +37,13 @@ import numpy as np
 import torch
 import yaml
 
-from . import dist_util, fileio
+from . import fileio
 from .fileio import atomic_write
+from .torch_files import (
+    UnreadableCheckpointError,
+    read_checkpoint_file,
+    torch_file_problem,
+)
 
 TRAINING_STATE_FORMAT = "p2-diffusion training state"
 TRAINING_STATE_VERSION = 1
@@ -42,6 +52,8 @@ CONFIG_FILE = "config.yaml"
 _MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
 _STATE_FILE = re.compile(r"^state(\d+)\.pt$")
 _STEP_SUFFIX = re.compile(r"^(model|opt|state|ema_.+_)(\d+)\.pt$")
+UNREADABLE_SUFFIX = ".unreadable"  # appended to the file names of a checkpoint a resume skipped
+_GONE = "renamed or removed while it was read"  # by another rank setting the checkpoint aside
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,6 +133,12 @@ def checkpoint_files_by_step(log_dir):
     return files
 
 
+def state_file_first(names):
+    """File names of one checkpoint with the state file first: removing or renaming them in this order makes the
+    checkpoint incomplete at once."""
+    return sorted(names, key=lambda name: not name.startswith("state"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Saving and pruning
 
@@ -167,7 +185,7 @@ def prune_checkpoints(log_dir, keep):
     deleted = sorted(step for step in files if step < oldest_kept)
     for step in deleted:
         # The state file goes first: a checkpoint whose deletion is interrupted is incomplete, never half-valid.
-        for name in sorted(files[step], key=lambda n: not n.startswith("state")):
+        for name in state_file_first(files[step]):
             os.remove(os.path.join(log_dir, name))
     return deleted
 
@@ -281,20 +299,28 @@ def load_resume_point(path, ema_rates, config=None, may_change=frozenset()):
     docs/compatibility.md, "Reference defects fixed here" #3).
 
     :param path: a training-state file (stateNNNNNN.pt), a reference modelNNNNNN.pt (its EMA and optimizer files
-        are looked up beside it, with a warning for each one missing), or a log dir (its newest complete
-        checkpoint, else its newest model file).
+        are looked up beside it, with a warning for each one missing), or a log dir (`newest_readable_checkpoint`).
     :param ema_rates: rates (strings as in --ema_rate) the run keeps.
     :param config: the run's resolved flags; when given, they are checked against the checkpoint's (the state
         file's, or the config.yaml beside a reference-style file) with `check_resume_config`.
     :param may_change: names of the flags that may differ from the checkpoint's (see `check_resume_config`).
     :raises ValueError: for files that do not say their step (ema_/opt files, renamed files), or a flag outside
-        `may_change` that differs from the checkpoint's.
+        `may_change` that differs from the checkpoint's; UnreadableCheckpointError for a file torch cannot read.
     """
-    if os.path.isdir(path):
-        path = _newest_checkpoint_file(path)
+    from_folder = os.path.isdir(path)
+    if from_folder:
+        path = newest_readable_checkpoint(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume_checkpoint {path!r} does not exist")
-    loaded = dist_util.load_state_dict(path)
+    try:
+        loaded = read_checkpoint_file(path, "--resume_checkpoint")
+    except UnreadableCheckpointError as err:
+        if from_folder:
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        raise UnreadableCheckpointError(
+            f"{err}. (--resume_checkpoint {folder} resumes from the newest readable checkpoint there)"
+        ) from None
     if is_training_state(loaded):
         point = _resume_from_state(loaded, path, ema_rates)
         saved_config = loaded["config"]
@@ -307,25 +333,79 @@ def load_resume_point(path, ema_rates, config=None, may_change=frozenset()):
 
 
 def resolve_auto_resume(log_dir):
-    """What `--resume_checkpoint auto` resumes from: the state file of `log_dir`'s newest complete checkpoint, or ""
-    (start fresh) when `log_dir` does not exist or holds none. Incomplete checkpoints and temporary files are
-    ignored, so a job requeued after being killed at any moment reruns the same command."""
-    if not os.path.isdir(log_dir):
+    """What `--resume_checkpoint auto` resumes from: the state file of `log_dir`'s newest readable complete checkpoint
+    (`newest_readable_checkpoint`), or "" (start fresh) when `log_dir` does not exist or holds none. Incomplete
+    checkpoints and temporary files are ignored, so a job requeued after being killed at any moment reruns the same
+    command."""
+    if not os.path.isdir(log_dir) or not complete_steps(log_dir):
         return ""
-    steps = complete_steps(log_dir)
-    return state_path(log_dir, steps[-1]) if steps else ""
+    return newest_readable_checkpoint(log_dir)
 
 
-def _newest_checkpoint_file(log_dir):
-    steps = complete_steps(log_dir)
-    if steps:
-        return state_path(log_dir, steps[-1])
-    model_steps = sorted(int(m.group(1)) for m in map(_MODEL_FILE.match, os.listdir(log_dir)) if m)
-    if model_steps:
-        return model_path(log_dir, model_steps[-1])
-    raise FileNotFoundError(
-        f"--resume_checkpoint {log_dir!r} is a directory without checkpoints (stateNNNNNN.pt or modelNNNNNN.pt)"
-    )
+def newest_readable_checkpoint(log_dir):
+    """The file a resume from `log_dir` reads: the state file of its newest complete checkpoint whose files all
+    open, else (no complete checkpoint at all) its newest reference-style modelNNNNNN.pt whose files open.
+
+    A newer checkpoint with a file that does not open (truncated by a full disk, a failed copy) is skipped with a
+    warning naming the file, and its files are renamed to NAME.unreadable, so that training can write that step
+    again. Each rank may call this: a file another rank renamed meanwhile counts as unreadable, and renaming is
+    idempotent.
+
+    :raises FileNotFoundError: when `log_dir` holds no checkpoint.
+    :raises UnreadableCheckpointError: when none of its checkpoints opens (then nothing is renamed).
+    """
+    steps, path_of = complete_steps(log_dir), state_path
+    if not steps:
+        steps, path_of = sorted(int(m.group(1)) for m in map(_MODEL_FILE.match, os.listdir(log_dir)) if m), model_path
+    if not steps:
+        raise FileNotFoundError(
+            f"--resume_checkpoint {log_dir!r} is a directory without checkpoints (stateNNNNNN.pt or modelNNNNNN.pt)"
+        )
+    skipped = []
+    for step in reversed(steps):
+        problem = _unreadable_file(log_dir, step, path_of(log_dir, step))
+        if problem is None:
+            for skipped_step, (name, reason) in skipped:
+                warnings.warn(
+                    f"{os.path.join(log_dir, name)} is unreadable ({reason}): skipping checkpoint {skipped_step} "
+                    f"(its files are renamed to *{UNREADABLE_SUFFIX}); resuming from checkpoint {step}",
+                    stacklevel=3,
+                )
+                _set_aside(log_dir, skipped_step)
+            return path_of(log_dir, step)
+        skipped.append((step, problem))
+    problems = "; ".join(f"{name}: {reason}" for _, (name, reason) in skipped)
+    raise UnreadableCheckpointError(f"--resume_checkpoint {log_dir}: none of its checkpoints can be read ({problems})")
+
+
+def _unreadable_file(log_dir, step, resume_file):
+    """(file name, reason) of the first file of checkpoint `step` that torch cannot open (`torch_file_problem`), else
+    None.
+
+    :param resume_file: the file a resume would read (state or model file), which must be there.
+    """
+    names = state_file_first(checkpoint_files_by_step(log_dir).get(step, []))
+    if os.path.basename(resume_file) not in names:
+        return os.path.basename(resume_file), _GONE
+    for name in names:
+        try:
+            problem = torch_file_problem(os.path.join(log_dir, name))
+        except FileNotFoundError:
+            problem = _GONE
+        if problem:
+            return name, problem
+    return None
+
+
+def _set_aside(log_dir, step):
+    """Rename every file of checkpoint `step` to NAME.unreadable, the state file first (so the step is incomplete
+    at once); files another rank renamed already are skipped."""
+    for name in state_file_first(checkpoint_files_by_step(log_dir).get(step, [])):
+        path = os.path.join(log_dir, name)
+        try:
+            os.replace(path, path + UNREADABLE_SUFFIX)
+        except FileNotFoundError:
+            pass
 
 
 def _resume_from_state(state, path, ema_rates):
@@ -356,11 +436,11 @@ def _resume_from_reference_files(model_state, path, ema_rates):
     for rate in ema_rates:
         candidate = ema_path(log_dir, rate, step)
         if os.path.isfile(candidate):
-            ema[rate] = dist_util.load_state_dict(candidate)
+            ema[rate] = read_checkpoint_file(candidate)
     _warn_ema_rates(path, ema_rates, ema, unused=[])
     optimizer = None
     if os.path.isfile(opt_path(log_dir, step)):
-        optimizer = dist_util.load_state_dict(opt_path(log_dir, step))
+        optimizer = read_checkpoint_file(opt_path(log_dir, step))
     else:
         warnings.warn(f"{opt_path(log_dir, step)} not found: the optimizer starts afresh", stacklevel=3)
     warnings.warn(

@@ -15,7 +15,10 @@ Reference statistics file (written to the cache, and accepted back as a referenc
   mode, feature_network, feature_network_sha256   how the features were made; checked when the file is read
   source, source_sha256   the reference images it was computed from, and the hash of their content
   format, format_version  "p2-diffusion-feature-statistics", 2 (version 1 listed and decoded folders as clean-fid)
-An npz with only mu and sigma (clean-fid's custom statistics) is accepted for FID.
+An npz with only mu and sigma (clean-fid's custom statistics) is accepted for FID. Every statistics file and feature
+array is checked before any distance is computed (`check_statistics`): real numbers, all finite, shapes [D], [D, D]
+and [N, D]. A NaN would otherwise send scipy's sqrtm on a search of minutes for a meaningless FID. An npz is read
+without pickles; a damaged one, or one holding object arrays, is an EvaluationError naming it.
 
 Statistics of reference images are cached under a key made of the SHA-256 of their bytes, the mode, the SHA-256
 of the network file and the format version, so a second run reuses them and any change to the images recomputes
@@ -23,6 +26,7 @@ them. KID subsets are drawn with a fixed seed, so a run is reproducible. Trainin
 once and calls `evaluate(uint8 array [N, H, W, 3], reference, network)`.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -30,6 +34,7 @@ import os
 import re
 import warnings
 import zipfile
+import zlib
 
 import cleanfid
 import numpy as np
@@ -39,7 +44,7 @@ from cleanfid import fid as cleanfid_fid
 from cleanfid.utils import ResizeDataset
 from tqdm import tqdm
 
-from .fileio import atomic_write, file_sha256, write_json
+from .fileio import atomic_write, check_output_dir, file_sha256, write_json
 from .image_datasets import UnreadableImageError, decode_image, open_image_source
 from .inception import EvaluationError, download_timeout
 
@@ -51,6 +56,8 @@ KID_SEED = 0  # kernel_distance draws its subsets from numpy's global generator
 STATS_FORMAT = "p2-diffusion-feature-statistics"
 STATS_FORMAT_VERSION = 2
 NAMED_STATISTICS = re.compile(r"^([^:/\\]+):([^:/\\]+):([^:/\\]+)$")  # clean-fid's "name:res:split"
+_PYTHON_OBJECTS = "it holds Python objects, which are never unpickled; store numeric arrays"
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def check_metrics(metrics):
@@ -88,7 +95,7 @@ def source_kind(source):
 
 
 def _npz_kind(path):
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path) as data:
         keys = data.files
     # An ADM reference batch holds arr_0 and TensorFlow-evaluator mu/sigma: its images are what clean-fid can use.
     if "arr_0" in keys:
@@ -103,16 +110,65 @@ def _npz_kind(path):
 
 def load_npz_images(path):
     """arr_0 of a sample npz: uint8 [N, H, W, 3]."""
-    with np.load(path, allow_pickle=False) as data:
-        return check_images(data["arr_0"], f"{path} (arr_0)")
+    with open_npz(path) as data:
+        return check_images(npz_array(data, "arr_0", path), f"{path} (arr_0)")
+
+
+@contextlib.contextmanager
+def open_npz(path):
+    """np.load of an npz, never unpickling; a file numpy cannot open as one is an EvaluationError naming it."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        # numpy takes any file that is neither zip nor .npy for a pickle, and advises allow_pickle: never here.
+        reason = "neither a zip archive nor .npy data" if "pickle" in str(err) else str(err)
+        raise EvaluationError(f"{path} is not a readable npz file (damaged, truncated or another format: {reason})")
+    with data:
+        yield data
+
+
+def npz_array(data, key, path):
+    """data[key] of an open npz; an object array (never unpickled) or a damaged member is an EvaluationError."""
+    try:
+        return data[key]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        if "pickle" in str(err):
+            reason = _PYTHON_OBJECTS
+        else:
+            reason = f"damaged or truncated: {err}"
+        raise EvaluationError(f"{path}: array {key!r} cannot be read ({reason})") from None
+
+
+def check_npz_images(path):
+    """Refuse a sample npz whose arr_0 is not uint8 images [N, H, W, 3] from its header alone: nothing is loaded, so
+    a wrong or damaged SAMPLES file fails before the reference side is computed."""
+    with open_npz(path) as data:
+        try:
+            with data.zip.open("arr_0.npy") as member:
+                read_header = _NPY_HEADER_READERS.get(np.lib.format.read_magic(member))
+                if read_header is None:
+                    return  # a newer header version: checked when the images are read
+                shape, _, dtype = read_header(member)
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+            raise EvaluationError(f"{path}: array 'arr_0' cannot be read (damaged or truncated: {err})") from None
+    if dtype.hasobject:
+        raise EvaluationError(f"{path}: array 'arr_0' cannot be read ({_PYTHON_OBJECTS})")
+    check_image_layout(dtype, shape, f"{path} (arr_0)")
 
 
 def check_images(images, what):
-    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4):
-        raise EvaluationError(f"{what}: expected uint8 images [N, H, W, 3], got {_describe_array(images)}")
-    if images.shape[-1] != 3 or len(images) == 0:
-        raise EvaluationError(f"{what}: expected RGB images [N>0, H, W, 3], got shape {images.shape}")
+    if not isinstance(images, np.ndarray):
+        raise EvaluationError(f"{what}: expected uint8 images [N, H, W, 3], got {type(images).__name__}")
+    check_image_layout(images.dtype, images.shape, what)
     return images
+
+
+def check_image_layout(dtype, shape, what):
+    """Refuse what is not uint8 images [N>0, H, W, 3], from the dtype and shape of an array or of an npy header."""
+    if dtype != np.uint8 or len(shape) != 4:
+        raise EvaluationError(f"{what}: expected uint8 images [N, H, W, 3], got {dtype} array of shape {shape}")
+    if shape[-1] != 3 or shape[0] == 0:
+        raise EvaluationError(f"{what}: expected RGB images [N>0, H, W, 3], got shape {shape}")
 
 
 def _describe_array(value):
@@ -228,13 +284,46 @@ class FeatureStatistics:
     num_images: int | None
 
     @classmethod
-    def from_features(cls, features):
+    def from_features(cls, features, source):
+        """Statistics of features [N, D] that the network computed from the images of `source` (for the message)."""
+        if not np.isfinite(features).all():
+            raise EvaluationError(
+                f"the feature network gave NaN or infinite features for {source}: is the network file damaged?"
+            )
         return cls(
             mu=np.mean(features, axis=0),
             sigma=np.cov(features, rowvar=False),
             features=features,
             num_images=len(features),
         )
+
+
+def check_statistics(stats, source):
+    """Refuse statistics that would give a meaningless FID or KID, or hang scipy's sqrtm (a NaN sigma): mu [D],
+    sigma [D, D] and features [N, D] (where present) must hold finite real numbers.
+
+    :param source: where they come from (a file, clean-fid's "name:res:split"), for the message.
+    :raises EvaluationError: naming `source`, the array and what is wrong with it.
+    """
+    arrays = {"mu": stats.mu, "sigma": stats.sigma, "features": stats.features}
+    for name, array in arrays.items():
+        if array is not None and not (isinstance(array, np.ndarray) and array.dtype.kind in "fiu"):
+            raise EvaluationError(f"{source}: {name} is a {_describe_array(array)}, not an array of real numbers")
+    mu, sigma, features = stats.mu, stats.sigma, stats.features
+    if mu.ndim != 1 or len(mu) == 0:
+        raise EvaluationError(f"{source}: mu has shape {list(mu.shape)}, expected [D] (the mean of D-d features)")
+    dim = len(mu)
+    if sigma.shape != (dim, dim):
+        raise EvaluationError(f"{source}: sigma has shape {list(sigma.shape)}, expected [{dim}, {dim}] (mu is [{dim}])")
+    if features is not None and (features.ndim != 2 or features.shape[1] != dim):
+        raise EvaluationError(f"{source}: features has shape {list(features.shape)}, expected [N, {dim}]")
+    for name, array in arrays.items():
+        if array is not None and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise EvaluationError(
+                f"{source}: {name} holds {bad} NaN or infinite value(s) of {array.size}; the statistics are broken: "
+                "compute them again from the reference images"
+            )
 
 
 def save_statistics(path, stats, network, source, source_sha256):
@@ -257,22 +346,25 @@ def save_statistics(path, stats, network, source, source_sha256):
 
 def load_statistics(path, network, need_features):
     """FeatureStatistics from a statistics npz, refused where it was made with another mode or network."""
-    with np.load(path, allow_pickle=False) as data:
-        expected = {"mode": network.mode, "feature_network_sha256": network.sha256}
-        made_with = {key: str(data[key]) for key in expected if key in data.files}
-        if any(made_with[key] != expected[key] for key in made_with):
-            network_name = str(data["feature_network"]) if "feature_network" in data.files else "?"
-            raise EvaluationError(
-                f"{path} was computed in mode {made_with.get('mode', '?')} with the network {network_name}, not in "
-                f"mode {network.mode} with {network.name}: pass the --mode and --inception_path it was made with, "
-                "or the reference images instead"
-            )
-        features = data["features"] if "features" in data.files else None
-        if "num_images" in data.files:
-            num_images = int(data["num_images"])
-        else:
-            num_images = None if features is None else len(features)
-        stats = FeatureStatistics(mu=data["mu"], sigma=data["sigma"], features=features, num_images=num_images)
+    with open_npz(path) as data:
+        fields = {key: npz_array(data, key, path) for key in data.files}
+    expected = {"mode": network.mode, "feature_network_sha256": network.sha256}
+    made_with = {key: str(fields[key]) for key in expected if key in fields}
+    if any(made_with[key] != expected[key] for key in made_with):
+        network_name = str(fields["feature_network"]) if "feature_network" in fields else "?"
+        raise EvaluationError(
+            f"{path} was computed in mode {made_with.get('mode', '?')} with the network {network_name}, not in "
+            f"mode {network.mode} with {network.name}: pass the --mode and --inception_path it was made with, "
+            "or the reference images instead"
+        )
+    features = fields.get("features")
+    num_images = fields.get("num_images", None if features is None else len(features))
+    if num_images is not None:
+        if np.ndim(num_images) != 0 or np.asarray(num_images).dtype.kind not in "iu":
+            raise EvaluationError(f"{path}: num_images is {num_images!r}, expected an integer")
+        num_images = int(num_images)
+    stats = FeatureStatistics(mu=fields["mu"], sigma=fields["sigma"], features=features, num_images=num_images)
+    check_statistics(stats, path)
     if need_features and stats.features is None:
         raise EvaluationError(
             f"{path} holds mu and sigma but no features, which KID needs: pass the reference images instead, or "
@@ -314,16 +406,17 @@ def reference_statistics(
         return load_statistics(reference, network, need_features), info
     if kind == "array":
         features = image_features(reference, network, batch_size, num_workers, device, "reference")
-        return FeatureStatistics.from_features(features), info
+        return FeatureStatistics.from_features(features, "the reference images"), info
     reference_sha256 = content_sha256(reference)
     cache_file = cache_file_for(reference, reference_sha256, network, cache_dir)
     info["reference_statistics_file"] = os.path.abspath(cache_file)
     info["reference_cache_hit"] = os.path.isfile(cache_file)
     if info["reference_cache_hit"]:
         return load_statistics(cache_file, network, need_features), info
+    check_output_dir(cache_dir, "the statistics cache folder")  # before the features, not after
     description = f"reference {os.path.basename(os.path.normpath(reference))}"
     stats = FeatureStatistics.from_features(
-        image_features(reference, network, batch_size, num_workers, device, description)
+        image_features(reference, network, batch_size, num_workers, device, description), reference
     )
     os.makedirs(cache_dir, exist_ok=True)
     save_statistics(cache_file, stats, network, os.path.abspath(reference), reference_sha256)
@@ -354,9 +447,11 @@ def _named_statistics(spec, network, need_features):
             f"clean-fid statistics {spec}: a file among {', '.join(needed)} in {stats_dir} is unreadable ({err}); "
             "delete it and provide it again"
         ) from None
-    return FeatureStatistics(
+    stats = FeatureStatistics(
         mu=mu, sigma=sigma, features=features, num_images=None if features is None else len(features)
     )
+    check_statistics(stats, f"clean-fid statistics {spec}")
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,7 +497,8 @@ def evaluate(
     a statistics npz, or clean-fid's "name:res:split"). Returns the results dict evaluate.py writes as JSON; a
     metric not asked for is None."""
     metrics = check_metrics(metrics)
-    image_source_kind(samples)  # a wrong SAMPLES argument fails before the reference side is computed
+    if image_source_kind(samples) == "npz_images":  # a wrong SAMPLES argument fails before the reference side
+        check_npz_images(samples)
     loader_options = dict(batch_size=batch_size, num_workers=num_workers, device=device)
     reference_stats, info = reference_statistics(reference, network, "kid" in metrics, cache_dir, **loader_options)
     sample_features = image_features(samples, network, description="samples", **loader_options)
@@ -412,7 +508,7 @@ def evaluate(
             f"{network.name} gives {sample_features.shape[1]}-d ones: they come from different networks"
         )
     _check_counts(len(sample_features), reference_stats.num_images)
-    sample_stats = FeatureStatistics.from_features(sample_features)
+    sample_stats = FeatureStatistics.from_features(sample_features, _describe_source(samples))
     results = dict(
         fid=None,
         kid=None,

@@ -4,10 +4,15 @@
 fsync it and rename it over the target, so a reader, a crash or a SIGKILL only ever leaves the old file or the
 complete new one. A killed write leaves its temporary file behind; `remove_temporaries` deletes such files from a
 folder before a run writes there again, and nothing else.
+
+A write that fails for want of space (ENOSPC, or EDQUOT: quota) raises `NoSpaceError` naming the file, whatever
+the writer raised (torch.save reports a full disk as "unexpected pos ..."); the old file is kept. `check_output_file`
+and `check_output_dir` refuse an output path that cannot be written before any work is done.
 """
 
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -15,6 +20,21 @@ import os
 import warnings
 
 TEMPORARY_MARKER = ".tmp-"
+_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+class NoSpaceError(OSError, ValueError):
+    """A write that ran out of space (errno ENOSPC or EDQUOT); the file it was replacing is unchanged.
+
+    Also a ValueError, so that the scripts report it in one line like other user errors (guided_diffusion/cli.py).
+    """
+
+    def __init__(self, path, code):
+        super().__init__(
+            f"{_NO_SPACE[code]} writing {path} (its previous version, if any, is unchanged): free some space and run "
+            "the command again"
+        )
+        self.errno = code
 
 
 def temporary_path(path):
@@ -34,6 +54,8 @@ def atomic_open(path):
 
     Readers only ever see the old or the complete new content. A blobfile URL (gs://, az://) is uploaded in one
     piece, which is atomic there.
+
+    :raises NoSpaceError: when the device or the quota is full, whatever the writer raised about it.
     """
     if "://" in path:
         import blobfile
@@ -48,10 +70,26 @@ def atomic_open(path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
+    except Exception as err:
+        code = _no_space_errno(err)
+        if code is None:
+            raise
+        raise NoSpaceError(path, code) from err
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
     _fsync_directory(os.path.dirname(temporary))
+
+
+def _no_space_errno(err):
+    """ENOSPC or EDQUOT where `err` or an exception it was raised from or during is an OSError with that errno."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return err.errno
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def atomic_write(path, write):
@@ -121,3 +159,35 @@ def file_sha256(path):
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_output_file(path, flag):
+    """Refuse, before any work is done, an output file that cannot be written: `path` is a folder, or the nearest
+    existing folder above it is a file or read-only. Folders missing on the way are left to the writer to create.
+
+    :param flag: how the user gave the path (e.g. "--out"), for the message.
+    """
+    if "://" in path:
+        return
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{flag} {path!r} is a folder; pass the name of a file to write")
+    _check_writable_ancestor(os.path.dirname(os.path.abspath(path)), flag, path)
+
+
+def check_output_dir(path, flag):
+    """Refuse, before any work is done, an output folder that cannot be written: `path` is a file, or it (or the
+    nearest existing folder above it) is a file or read-only. See `check_output_file`."""
+    if "://" in path:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{flag} {path!r} is a file, not a folder; pass a folder (created if missing)")
+    _check_writable_ancestor(os.path.abspath(path), flag, path)
+
+
+def _check_writable_ancestor(folder, flag, path):
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"{flag} {path!r} cannot be created: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path!r} cannot be written: no write permission in {folder}")

@@ -12,20 +12,25 @@ Any other key is an error naming it.
 """
 
 import os
-import pickle
 
 from . import dist_util
-from .checkpoint import CONFIG_FILE, is_training_state, state_dict_fingerprint
+from .checkpoint import (
+    CONFIG_FILE,
+    checkpoint_files_by_step,
+    is_training_state,
+    state_dict_fingerprint,
+)
 from .script_util import (
+    NUM_CLASSES,
     args_to_dict,
     build_parser,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
-    NUM_CLASSES,
     parse_args,
     train_flag_defaults,
 )
 from .state_dict_check import load_state_dict_checked
+from .torch_files import read_checkpoint_file
 
 TRAINING_OPTIONS = frozenset(train_flag_defaults()) - frozenset(model_and_diffusion_defaults())
 
@@ -58,9 +63,8 @@ def load_model_and_diffusion(args):
 
     :return: (model in eval mode on dist_util.dev(), diffusion, identity: the checkpoint fingerprint and flags).
     """
-    if "://" not in args.model_path and not os.path.isfile(args.model_path):
-        raise FileNotFoundError(f"--model_path {args.model_path!r} does not exist")
-    state_dict = read_checkpoint(args.model_path)
+    check_model_path(args.model_path)
+    state_dict = read_checkpoint_file(args.model_path, "--model_path")
     if is_training_state(state_dict):
         raise ValueError(
             f"--model_path {args.model_path!r} is a training-state file; sample from the weights saved beside it: "
@@ -76,16 +80,16 @@ def load_model_and_diffusion(args):
     return model.to(dist_util.dev()).eval(), diffusion, identity
 
 
-def read_checkpoint(path):
-    """The object stored at --model_path (weights_only); a file torch cannot read is a ValueError naming it."""
-    try:
-        return dist_util.load_state_dict(path)
-    # An empty file raises EOFError, a truncated one RuntimeError, other formats KeyError or UnpicklingError.
-    except (EOFError, RuntimeError, KeyError, pickle.UnpicklingError) as err:
-        raise ValueError(
-            f"--model_path {path!r} is not a readable PyTorch checkpoint (empty, truncated or another format): "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no data'}"
-        ) from None
+def check_model_path(path):
+    """Refuse a --model_path that is not a file (a missing path, or a folder: its newest weights are suggested)."""
+    if "://" in path or os.path.isfile(path):
+        return
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model_path {path!r} does not exist")
+    by_step = checkpoint_files_by_step(path)
+    weights = sorted(name for name in by_step.get(max(by_step, default=-1), []) if name.startswith(("ema_", "model")))
+    suggestion = f"such as {' or '.join(os.path.join(path, name) for name in weights)}" if weights else "(a .pt file)"
+    raise IsADirectoryError(f"--model_path {path!r} is a folder; pass one checkpoint file {suggestion}")
 
 
 def checkpoint_num_classes(state_dict):

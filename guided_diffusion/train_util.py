@@ -38,6 +38,7 @@ from .logger import Logger
 from .precision import PRECISIONS, autocast_for
 from .resample import LossAwareSampler, UniformSampler
 from .script_util import RESUME_MAY_CHANGE
+from .state_dict_check import load_state_dict_checked
 
 INITIAL_LG_LOSS_SCALE = 20.0  # the reference's starting log2 loss scale
 # From 2^20, 30 halvings reach 2^-10: no finite loss needs a scale that small, so the loss itself is broken.
@@ -178,7 +179,7 @@ class TrainLoop:
             resume = checkpoint.load_resume_point(
                 resume_checkpoint, self.ema_rates, config=self.config or None, may_change=resume_may_change
             )
-            self.model.load_state_dict(resume.model, strict=True)
+            load_state_dict_checked(self.model, resume.model, resume.source)
         self.step = resume.step if resume else 0
         self._last_saved_step = self.step
         checkpoint.check_log_dir(log_dir, self.step, remove_temporaries=self.rank == 0)

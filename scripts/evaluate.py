@@ -23,6 +23,7 @@ import torch
 
 from guided_diffusion import evaluation, inception
 from guided_diffusion.cli import script_main
+from guided_diffusion.fileio import check_output_file
 from guided_diffusion.script_util import CONFIG_HELP, parse_args
 
 
@@ -67,6 +68,8 @@ def format_table(results):
 @script_main()
 def main(argv=None):
     args = parse_args(create_argparser(), argv)
+    out = args.out or default_out_path(args.samples)
+    check_output_file(out, "--out" if args.out else "the results file (--out)")  # before the hours of work
     network = inception.load_feature_network(args.mode, args.inception_path, args.device)
     results = evaluation.evaluate(
         args.samples,
@@ -82,7 +85,6 @@ def main(argv=None):
         reused = "reused" if results["reference_cache_hit"] else "written"
         print(f"reference statistics ({reused}): {results['reference_statistics_file']}")
     print(format_table(results))
-    out = args.out or default_out_path(args.samples)
     evaluation.save_results_json(results, out)
     print(f"results: {out}")
     return 0

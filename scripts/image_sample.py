@@ -23,6 +23,7 @@ import os
 
 from guided_diffusion import dist_util
 from guided_diffusion.cli import script_main
+from guided_diffusion.fileio import check_output_dir
 from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args
 from guided_diffusion.sampling import SamplingOptions, sample_to_folder
 from guided_diffusion.script_util import sample_defaults
@@ -77,6 +78,7 @@ def sample_with_flags(argv):
     if rank == 0 and args.config:
         print(f"flags from {args.config}, without its training options (command-line flags override)", flush=True)
     sample_dir = args.sample_dir or default_sample_dir(args)
+    check_output_dir(sample_dir, "--sample_dir")  # before the model is loaded and any sample is made
     model, diffusion, identity = load_model_and_diffusion(args)
     options = SamplingOptions(
         image_size=args.image_size,

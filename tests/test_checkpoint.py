@@ -198,3 +198,117 @@ def test_fingerprint_of_nested_states_covers_tensors_and_primitives():
     zeros, ones = torch.zeros(2), torch.ones(2)
     fingerprints = {checkpoint.state_dict_fingerprint(s) for s in ([zeros, ones], [ones, zeros], [[zeros], ones])}
     assert len(fingerprints) == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Unreadable files: one error naming the file; a resume from a folder falls back to the newest readable checkpoint
+
+
+def truncate_file(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+class WritesAFileWhenUnpickled:
+    """Pickles as a call of open(marker, "w"): unpickling it with weights_only=False would create `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text", "pickled object"])
+def test_unreadable_checkpoint_file_is_one_error_naming_it(tmp_path, damage):
+    file = tmp_path / "model000002.pt"
+    path, marker = str(file), tmp_path / "code_ran"
+    torch.save({"w": torch.ones(100)}, path)
+    if damage == "truncated":
+        truncate_file(file)
+    elif damage == "pickled object":
+        torch.save({"w": WritesAFileWhenUnpickled(str(marker))}, path)
+    else:
+        file.write_bytes({"empty": b"", "text": b"not a checkpoint"}[damage])
+    with pytest.raises(checkpoint.UnreadableCheckpointError) as error:
+        checkpoint.read_checkpoint_file(path, "--model_path")
+    message = str(error.value)
+    assert message.startswith(f"--model_path {path!r} ") and "\n" not in message
+    # torch's advice to retry with weights_only=False is never passed on.
+    assert "will likely succeed" not in message and "add_safe_globals" not in message
+    if damage == "pickled object":
+        assert "pickled Python object (io.open)" in message and "not loaded" in message
+        assert "Never load a checkpoint you do not trust with weights_only=False" in message
+        assert not marker.exists()
+    else:
+        assert "is not a readable PyTorch checkpoint" in message
+
+
+def test_resume_names_an_unreadable_file_and_the_folder_to_resume_from(tmp_path):
+    for step in (2, 4):
+        checkpoint.save_checkpoint(str(tmp_path), _state(step, value=float(step)))
+    truncate_file(tmp_path / "state000004.pt")
+    with pytest.raises(checkpoint.UnreadableCheckpointError) as error:
+        checkpoint.load_resume_point(str(tmp_path / "state000004.pt"), RATES)
+    assert "state000004.pt' is not a readable PyTorch checkpoint" in str(error.value)
+    assert f"--resume_checkpoint {tmp_path} resumes from the newest readable checkpoint" in str(error.value)
+
+
+@pytest.mark.parametrize("damaged", ["state000004.pt", "model000004.pt", "ema_0.999_000004.pt", "opt000004.pt"])
+@pytest.mark.parametrize("how", ["folder", "auto"])
+def test_resume_from_a_folder_skips_a_newest_checkpoint_with_an_unreadable_file(tmp_path, damaged, how):
+    for step in (2, 4):
+        checkpoint.save_checkpoint(str(tmp_path), _state(step, value=float(step)))
+    truncate_file(tmp_path / damaged)
+    resolve = checkpoint.resolve_auto_resume if how == "auto" else checkpoint.newest_readable_checkpoint
+    with pytest.warns(UserWarning, match=f"{tmp_path / damaged} is unreadable .*skipping checkpoint 4"):
+        resolved = resolve(str(tmp_path))
+    assert resolved == str(tmp_path / "state000002.pt")
+    point = checkpoint.load_resume_point(str(tmp_path if how == "folder" else resolved), RATES)
+    assert point.step == 2 and torch.equal(point.model["w"], torch.full((2, 3), 2.0))
+    # Step 4 is set aside whole, so training can write it again; nothing of it is lost.
+    names = os.listdir(tmp_path)
+    assert checkpoint.complete_steps(str(tmp_path)) == [2]
+    assert list(checkpoint.checkpoint_files_by_step(tmp_path)) == [2]
+    step_4 = ["ema_0.999_000004.pt", "ema_0.9999_000004.pt", "model000004.pt", "opt000004.pt", "state000004.pt"]
+    assert {n for n in names if n.endswith(".unreadable")} == {n + checkpoint.UNREADABLE_SUFFIX for n in step_4}
+    checkpoint.check_log_dir(str(tmp_path), start_step=2)  # nothing newer in the way
+
+
+def test_folder_with_no_readable_checkpoint_is_an_error_and_nothing_is_renamed(tmp_path):
+    for step in (2, 4):
+        checkpoint.save_checkpoint(str(tmp_path), _state(step))
+        truncate_file(tmp_path / f"state{step:06d}.pt")
+    before = sorted(os.listdir(tmp_path))
+    for resolve in (lambda: checkpoint.load_resume_point(str(tmp_path), RATES),
+                    lambda: checkpoint.resolve_auto_resume(str(tmp_path))):
+        with pytest.raises(checkpoint.UnreadableCheckpointError,
+                           match=r"none of its checkpoints can be read \(state000004.pt: .*; state000002.pt: "):
+            resolve()
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_reference_style_folder_skips_an_unreadable_newest_model_file(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "model000002.pt")
+    (tmp_path / "model000004.pt").write_bytes(b"")
+    with pytest.warns(UserWarning) as caught:
+        point = checkpoint.load_resume_point(str(tmp_path), [])
+    assert point.step == 2 and "model000004.pt is unreadable (EOFError: no data)" in str(caught[0].message)
+
+
+def test_checkpoint_another_rank_set_aside_meanwhile_is_skipped_too(tmp_path, monkeypatch):
+    for step in (2, 4):
+        checkpoint.save_checkpoint(str(tmp_path), _state(step, value=float(step)))
+    truncate_file(tmp_path / "state000004.pt")
+    listed = checkpoint.complete_steps
+
+    def listed_then_set_aside_by_another_rank(log_dir):
+        steps = listed(log_dir)
+        for name in os.listdir(log_dir):
+            if "000004" in name:
+                os.rename(os.path.join(log_dir, name), os.path.join(log_dir, name + checkpoint.UNREADABLE_SUFFIX))
+        return steps
+
+    monkeypatch.setattr(checkpoint, "complete_steps", listed_then_set_aside_by_another_rank)
+    with pytest.warns(UserWarning, match="state000004.pt is unreadable \\(renamed or removed while it was read\\)"):
+        assert checkpoint.newest_readable_checkpoint(str(tmp_path)) == str(tmp_path / "state000002.pt")

@@ -17,6 +17,7 @@ import zipfile
 import cleanfid
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from cleanfid import fid as cleanfid_fid
 from cleanfid.inception_torchscript import InceptionV3W
@@ -393,6 +394,106 @@ def test_bad_inputs_are_refused_with_what_to_do(data, network, tmp_path):
 def test_script_reports_bad_input_without_traceback(data, tmp_path):
     with pytest.raises(SystemExit, match="^evaluate.py: error: .*missing"):
         run_script([data["a_npz"], str(tmp_path / "missing"), "--inception_path", data["standin"]])
+
+
+@pytest.fixture
+def no_features_or_sqrtm(monkeypatch):
+    """Computing a feature or a matrix square root fails the test: bad input must be refused before either."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("features or sqrtm were computed for input that should have been refused")
+
+    monkeypatch.setattr(cleanfid_fid, "get_batch_features", forbidden)
+    monkeypatch.setattr(scipy.linalg, "sqrtm", forbidden)
+
+
+def _broken_statistics(kind, path, features):
+    """Write a statistics npz broken in the way `kind` names; returns the phrase its error must hold."""
+    mu, sigma = features.mean(axis=0), np.cov(features, rowvar=False)
+    nan_sigma = np.full_like(sigma, np.nan)
+    arrays, phrase = {
+        "nan sigma": ({"mu": mu, "sigma": nan_sigma}, "sigma holds 256 NaN or infinite value(s) of 256"),
+        "inf mu": ({"mu": np.full_like(mu, np.inf), "sigma": sigma}, "mu holds 16 NaN or infinite value(s)"),
+        "nan features": ({"mu": mu, "sigma": sigma, "features": np.where(features > 0, np.nan, features)},
+                         "features holds"),
+        "sigma shape": ({"mu": mu, "sigma": sigma[:, :15]}, "sigma has shape [16, 15], expected [16, 16]"),
+        "mu shape": ({"mu": sigma, "sigma": sigma}, "mu has shape [16, 16], expected [D]"),
+        "features shape": ({"mu": mu, "sigma": sigma, "features": features[:, :8]}, "features has shape [32, 8]"),
+        "text mu": ({"mu": np.array(["0.5"] * 16), "sigma": sigma}, "mu is a <U3 array of shape (16,), not an array"),
+        "object array": ({"mu": np.array([{"mu": 1}], dtype=object), "sigma": sigma},
+                         "array 'mu' cannot be read (it holds Python objects, which are never unpickled"),
+        "num_images": ({"mu": mu, "sigma": sigma, "num_images": np.array([1, 2])}, "num_images is array([1, 2])"),
+    }.get(kind, (None, None))
+    if arrays is not None:
+        np.savez(path, **arrays)
+        return phrase
+    np.savez(path, mu=mu, sigma=sigma, features=features)
+    if kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(b"mu,sigma\n1,2\n")
+    return "is not a readable npz file (damaged, truncated or another format"
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["nan sigma", "inf mu", "nan features", "sigma shape", "mu shape", "features shape", "text mu", "object array",
+     "num_images", "truncated", "not an npz"],
+)
+def test_broken_statistics_file_is_refused_naming_it_before_any_computation(
+    data, network, tmp_path, kind, no_features_or_sqrtm
+):
+    features = np.random.default_rng(0).normal(size=(NUM_IMAGES, 16))
+    path = tmp_path / "statistics.npz"
+    phrase = _broken_statistics(kind, path, features)
+    with pytest.raises(evaluation.EvaluationError) as error:
+        evaluation.evaluate(data["a_npz"], str(path), network, "fid", cache_dir=str(tmp_path))
+    message = str(error.value)
+    assert message.startswith(str(path)) and phrase in message, message
+    assert "allow_pickle" not in message  # numpy's advice to unpickle is never passed on
+
+
+@pytest.mark.parametrize("kind", ["object array", "truncated"])
+def test_broken_samples_npz_is_refused_before_the_reference_side(data, network, tmp_path, kind, no_features_or_sqrtm):
+    path = tmp_path / "samples.npz"
+    np.savez(path, arr_0=np.array([None, 1], dtype=object) if kind == "object array" else data["a_images"])
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(evaluation.EvaluationError, match=f"^{path}.*(Python objects|damaged, truncated)"):
+        evaluation.evaluate(str(path), data["b_dir"], network, cache_dir=str(tmp_path))
+
+
+def test_non_finite_features_of_the_network_are_refused(data, network, tmp_path):
+    class NaNNetwork:
+        mode, name, sha256 = network.mode, "broken", "broken"
+
+        def model(self, x):
+            return network.model(x) * torch.nan
+
+    with pytest.raises(evaluation.EvaluationError, match="the feature network gave NaN or infinite features for"):
+        evaluation.evaluate(data["a_npz"], data["b_npz"], NaNNetwork(), "fid", cache_dir=str(tmp_path))
+
+
+def test_unwritable_outputs_are_refused_before_the_network_is_loaded(data, tmp_path, monkeypatch, no_features_or_sqrtm):
+    def not_now(*args, **kwargs):
+        raise AssertionError("the feature network was loaded")
+
+    monkeypatch.setattr(inception, "load_feature_network", not_now)
+    (tmp_path / "results").mkdir()
+    with pytest.raises(SystemExit, match=r"^evaluate.py: error: --out '.*results' is a folder; pass the name of"):
+        run_script([data["a_npz"], data["b_npz"], "--out", str(tmp_path / "results")])
+    monkeypatch.undo()
+    # The statistics cache is checked before the reference features are computed, not when they are to be saved.
+    (tmp_path / "cache").write_text("a file")
+    with pytest.raises(NotADirectoryError, match="the statistics cache folder '.*cache' is a file"):
+        evaluation.reference_statistics(data["b_dir"], _Unused(), False, cache_dir=str(tmp_path / "cache"))
+
+
+class _Unused:
+    """A feature network whose features are never asked for."""
+
+    mode, name, sha256 = "clean", "unused", "unused"
 
 
 # ---------------------------------------------------------------------------------------------------------------

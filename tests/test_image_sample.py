@@ -258,3 +258,21 @@ def test_training_state_file_points_to_the_weights_beside_it(checkpoint, tmp_pat
     torch.save(state, path)
     with pytest.raises(SystemExit, match=r"training-state file.*ema_<rate>_000020\.pt .*model000020\.pt"):
         sample(path, "--num_samples", "1")
+
+
+def test_unusable_paths_are_refused_before_the_model_is_loaded(checkpoint, tmp_path, monkeypatch):
+    def not_now(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(image_sample, "load_model_and_diffusion", not_now)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit, match=r"^image_sample.py: error: --sample_dir '.*a_file' is a file, not a folder"):
+        sample(checkpoint, "--sample_dir", str(tmp_path / "a_file"))
+    with pytest.raises(SystemExit, match=r"a_file/samples' cannot be created: .*a_file is a file, not a folder$"):
+        sample(checkpoint, "--sample_dir", str(tmp_path / "a_file" / "samples"))
+    # A log dir as --model_path: its newest weights are named.
+    monkeypatch.undo()
+    folder = os.path.dirname(checkpoint)
+    with pytest.raises(SystemExit, match=r"--model_path '.*' is a folder; pass one checkpoint file such as "
+                                         r".*ema_0\.9999_000010\.pt$"):
+        sample(folder)
