@@ -65,20 +65,29 @@ def atomic_open(path):
         return
     temporary = temporary_path(path)
     try:
-        with open(temporary, "wb") as f:
+        with no_space_named(path), open(temporary, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(temporary, path)
+            f.close()
+            os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    _fsync_directory(os.path.dirname(temporary))
+
+
+@contextlib.contextmanager
+def no_space_named(path):
+    """Within the block, a write that runs out of space (however the writer reports it) raises NoSpaceError naming
+    `path`; other errors pass unchanged. For files appended in place (log.txt, progress.csv) as for atomic writes."""
+    try:
+        yield
     except Exception as err:
         code = _no_space_errno(err)
         if code is None:
             raise
         raise NoSpaceError(path, code) from err
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    _fsync_directory(os.path.dirname(temporary))
 
 
 def _no_space_errno(err):

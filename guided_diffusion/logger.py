@@ -12,7 +12,7 @@ import os
 
 from tqdm.auto import tqdm
 
-from .fileio import atomic_write
+from .fileio import atomic_write, no_space_named
 
 LOG_FILE = "log.txt"
 PROGRESS_FILE = "progress.csv"
@@ -45,8 +45,9 @@ class Logger:
         if not self.enabled:
             return
         tqdm.write(message)
-        self._log_file.write(message + "\n")
-        self._log_file.flush()
+        with no_space_named(self._log_file.name):
+            self._log_file.write(message + "\n")
+            self._log_file.flush()
 
     def write_scalars(self, scalars, step):
         """One row of named numbers (a dict of floats/ints) at optimizer step `step`."""
@@ -82,7 +83,7 @@ class Logger:
             self._columns += new_columns
             self._rewrite_csv(rows + [scalars])
             return
-        with open(self._csv_path, "a", newline="") as f:
+        with no_space_named(self._csv_path), open(self._csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self._columns, restval="").writerow(scalars)
 
     def _read_csv(self):

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from guided_diffusion.fileio import NoSpaceError
 from guided_diffusion.logger import LOG_FILE, PROGRESS_FILE, Logger, read_progress
 
 
@@ -70,3 +71,17 @@ def test_reader_names_the_bad_cell_and_the_missing_file(tmp_path):
         read_progress(str(tmp_path / PROGRESS_FILE))
     with pytest.raises(FileNotFoundError, match="give a progress.csv or the run folder"):
         read_progress(str(tmp_path / "elsewhere"))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, whose writes fail with ENOSPC")
+def test_a_full_disk_while_appending_log_lines_or_rows_is_one_error_naming_the_file(tmp_path):
+    logger = Logger(str(tmp_path), tensorboard=False)
+    logger.write_scalars({"step": 1, "loss": 0.5}, step=1)
+    logger._log_file.close()
+    logger._log_file = open("/dev/full", "a")  # log.txt's appends now hit a full device
+    with pytest.raises(NoSpaceError, match="^no space left on device writing /dev/full "):
+        logger.info("a line")
+    logger._log_file = open(os.devnull, "a")
+    logger._csv_path = "/dev/full"  # and so do progress.csv's
+    with pytest.raises(NoSpaceError, match="^no space left on device writing /dev/full "):
+        logger.write_scalars({"step": 2, "loss": 0.4}, step=2)
