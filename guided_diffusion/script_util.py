@@ -151,6 +151,9 @@ def sample_defaults():
         batch_size=16,               # samples per forward pass on each rank
         use_ddim=False,              # DDIM over the respaced steps (any spacing) instead of ancestral sampling
         ddim_eta=0.0,                # η of DDIM; 0 = deterministic
+        sampler="",                  # ancestral|ddim|dpm++2m|dpm++2m_sde|heun; "" = ddim with --use_ddim, else ancestral
+        steps=0,                     # noise levels of dpm++2m* and heun; 0 = 20 (dpm++2m, dpm++2m_sde), 10 (heun)
+        step_schedule="",            # time|logsnr|karras for those; "" = logsnr (dpm++2m), karras (dpm++2m_sde, heun)
         clip_denoised=True,          # clamp x̂₀ to [-1, 1] at every step
         seed=0,                      # sample i depends only on (seed, i), not on batch size or ranks
         precision="fp32",            # fp32, or bf16 / fp16 autocast of the network
