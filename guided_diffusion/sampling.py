@@ -36,7 +36,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from . import fileio
+from . import fileio, ode_samplers
 from .fileio import atomic_write
 from .precision import PRECISIONS, network_at_precision, sampling_autograd_mode
 from .script_util import NUM_CLASSES
@@ -66,6 +66,9 @@ class SamplingOptions:
     clip_denoised: bool = True   # clamp x̂₀ to [-1, 1] at each step
     precision: str = "fp32"      # network precision: fp32, or bf16 / fp16 autocast
     seed: int = 0                # base seed; sample i uses the generator seeded from (seed, i)
+    sampler: str = ""            # "" = ancestral or DDIM (use_ddim) over the respaced steps, else ode_samplers.SAMPLERS
+    steps: int = 0               # noise levels of an ode_samplers sampler (0 with "")
+    step_schedule: str = ""      # their placement: ode_samplers.STEP_SCHEDULES; "" = the sampler's default
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -74,6 +77,25 @@ class SamplingOptions:
             raise SamplingArgumentError(f"--seed {self.seed} must be >= 0")
         if self.ddim_eta < 0:
             raise SamplingArgumentError(f"--ddim_eta {self.ddim_eta} must be >= 0")
+        if self.sampler:
+            ode_samplers.network_evaluations(self.sampler, self.steps)  # checks the name
+            if self.steps < 1 or self.use_ddim:
+                raise SamplingArgumentError(f"--sampler {self.sampler} needs --steps >= 1 and no --use_ddim")
+
+    def identity(self):
+        """The options as they determine the pixels; the few-step fields only when such a sampler runs, so folders
+        of the ancestral and DDIM samplers keep the identity they always had."""
+        fields = asdict(self)
+        if not self.sampler:
+            for key in ("sampler", "steps", "step_schedule"):
+                del fields[key]
+        return fields
+
+    def network_evaluations(self, diffusion):
+        """Network calls per sample: one per respaced step of `diffusion`, or the few-step sampler's count."""
+        if self.sampler:
+            return ode_samplers.network_evaluations(self.sampler, self.steps)
+        return diffusion.num_timesteps
 
 
 def sample_seed(seed, index):
@@ -122,7 +144,8 @@ def generate_batch(model, diffusion, indices, options, device):
     """Generate the samples with global indices `indices` (docs/compatibility.md, "Samplers"; per-sample noise).
 
     :param model: the U-Net, in eval mode, on `device`.
-    :param diffusion: a (respaced) GaussianDiffusion; ancestral or DDIM over its steps.
+    :param diffusion: a (respaced) GaussianDiffusion; ancestral or DDIM over its steps, or the noise levels of an
+        ode_samplers sampler (options.sampler).
     :param indices: global sample indices, one per row of the batch.
     :param options: SamplingOptions.
     :return: (images uint8 numpy [B, H, W, 3], labels int64 numpy [B] or None).
@@ -141,7 +164,13 @@ def generate_batch(model, diffusion, indices, options, device):
         noise_fn=generator.randn_like,
     )
     network = network_at_precision(model, options.precision, device)
-    if options.use_ddim:
+    if options.sampler:
+        samples = ode_samplers.sample_loop(
+            network, diffusion, options.sampler, options.steps, loop_kwargs["noise"],
+            step_schedule=options.step_schedule or None, clip_denoised=options.clip_denoised,
+            model_kwargs=model_kwargs, noise_fn=generator.randn_like,
+        )
+    elif options.use_ddim:
         samples = diffusion.ddim_sample_loop(network, shape, eta=options.ddim_eta, **loop_kwargs)
     else:
         samples = diffusion.p_sample_loop(network, shape, **loop_kwargs)
@@ -241,10 +270,11 @@ class SampleFolder:
                 "Use at least that many, or a fresh --sample_dir"
             )
 
-    def record_run(self, identity, num_samples):
+    def record_run(self, identity, num_samples, **details):
+        """Write run.json: the identity, the sample count and `details` (e.g. network evaluations per sample)."""
         os.makedirs(self.images_dir, exist_ok=True)
-        fileio.write_text(self.run_file, json.dumps({"identity": identity, "num_samples": num_samples}, indent=2,
-                                                    sort_keys=True))
+        fileio.write_text(self.run_file, json.dumps({"identity": identity, "num_samples": num_samples, **details},
+                                                    indent=2, sort_keys=True))
 
     def finished_indices(self):
         """Global indices whose PNG exists (PNGs are written atomically, so each is complete)."""
@@ -295,11 +325,12 @@ class SamplingResult:
     grid_path: str
     num_samples: int
     num_generated: int           # samples made by this run (all ranks); the rest were already on disk
-    steps_per_sample: int        # network evaluations per sample (respaced steps)
+    steps_per_sample: int        # respaced steps, or the noise levels of a few-step sampler
+    evaluations_per_sample: int  # network evaluations per sample (Heun: two per step except the last)
 
     @property
     def network_evaluations(self):
-        return self.num_generated * self.steps_per_sample
+        return self.num_generated * self.evaluations_per_sample
 
 
 def sample_to_folder(
@@ -326,7 +357,7 @@ def sample_to_folder(
     if batch_size < 1:
         raise SamplingArgumentError(f"--batch_size {batch_size} must be >= 1")
     folder = SampleFolder(sample_dir)
-    identity = {**identity, **asdict(options), "device_type": torch.device(device).type}
+    identity = {**identity, **options.identity(), "device_type": torch.device(device).type}
     folder.check_run(identity, num_samples)
     if rank == 0:
         folder.remove_stale_temporaries()
@@ -334,7 +365,8 @@ def sample_to_folder(
     # Every rank must plan from the same listing, before any rank writes.
     barrier()
     if rank == 0:
-        folder.record_run(identity, num_samples)
+        folder.record_run(identity, num_samples,
+                          network_evaluations_per_sample=options.network_evaluations(diffusion))
     barrier()
     rounds = plan_batches(missing, batch_size, world_size)
     with tqdm(
@@ -363,5 +395,6 @@ def sample_to_folder(
         grid_path=folder.grid_path,
         num_samples=num_samples,
         num_generated=len(missing),
-        steps_per_sample=diffusion.num_timesteps,
+        steps_per_sample=options.steps or diffusion.num_timesteps,
+        evaluations_per_sample=options.network_evaluations(diffusion),
     )

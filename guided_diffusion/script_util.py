@@ -112,6 +112,9 @@ def eval_defaults():
         eval_reference="",               # folder/zip/npz/statistics file or clean-fid "name:res:split"; "" = data_dir
         eval_timestep_respacing="ddim50",  # the sampling schedule of the evaluation
         eval_use_ddim=True,              # DDIM (eta 0) over that schedule, else ancestral
+        eval_sampler="",                 # "" = per eval_use_ddim; dpm++2m|dpm++2m_sde|heun use the next two flags
+        eval_steps=0,                    # (not eval_timestep_respacing / eval_use_ddim); 0 = the sampler's default
+        eval_step_schedule="",           # time|logsnr|karras; "" = the sampler's default (see image_sample.py)
         eval_metrics="fid,kid",
         eval_mode="clean",               # clean-fid preprocessing mode
         inception_path="",               # TorchScript inception-2015-12-05.pt (offline machines)
@@ -135,7 +138,8 @@ RESUME_MAY_CHANGE = frozenset({
     "num_workers", "compile", "channels_last", "use_checkpoint",     # speed and memory; batches are unchanged
     "data_dir",                                                      # the same images may have moved
     "eval_interval", "eval_samples", "eval_batch_size", "eval_reference", "eval_timestep_respacing",
-    "eval_use_ddim", "eval_metrics", "eval_mode", "inception_path", "eval_cache_dir",  # scoring only
+    "eval_use_ddim", "eval_sampler", "eval_steps", "eval_step_schedule",
+    "eval_metrics", "eval_mode", "inception_path", "eval_cache_dir",  # scoring only
 })
 # Of RESUME_MAY_CHANGE, the flags whose change should be logged on resume: a new data_dir is allowed (the data
 # moved) but cannot be checked to hold the same images.
@@ -151,6 +155,9 @@ def sample_defaults():
         batch_size=16,               # samples per forward pass on each rank
         use_ddim=False,              # DDIM over the respaced steps (any spacing) instead of ancestral sampling
         ddim_eta=0.0,                # η of DDIM; 0 = deterministic
+        sampler="",                  # ancestral|ddim|dpm++2m|dpm++2m_sde|heun; "" = ddim with --use_ddim, else ancestral
+        steps=0,                     # noise levels of dpm++2m* and heun; 0 = 20 (dpm++2m, dpm++2m_sde), 10 (heun)
+        step_schedule="",            # time|logsnr|karras for those; "" = logsnr (dpm++2m), karras (dpm++2m_sde, heun)
         clip_denoised=True,          # clamp x̂₀ to [-1, 1] at every step
         seed=0,                      # sample i depends only on (seed, i), not on batch size or ranks
         precision="fp32",            # fp32, or bf16 / fp16 autocast of the network

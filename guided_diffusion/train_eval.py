@@ -11,6 +11,7 @@ import numpy as np
 import torch.distributed as dist
 
 from . import evaluation, inception
+from .sampler_flags import resolve_sampler
 from .sampling import SamplingOptions, generate_batch, plan_batches
 
 EVAL_SEED = 0  # the same noise at every evaluation
@@ -87,9 +88,18 @@ class TrainingEvaluator:
         return np.concatenate(images) if images else np.zeros(shape, dtype=np.uint8)
 
 
-def sampling_options(image_size, class_cond, use_ddim, precision):
-    """SamplingOptions of in-training evaluation (fixed seed, eta 0, clipped x0)."""
-    return SamplingOptions(
-        image_size=image_size, class_cond=class_cond, use_ddim=use_ddim, precision=precision, seed=EVAL_SEED
-    )
+def sampling_options(image_size, class_cond, use_ddim, precision, sampler="", steps=0, step_schedule=""):
+    """SamplingOptions of in-training evaluation (fixed seed, eta 0, clipped x0).
+
+    :param sampler, steps, step_schedule: --eval_sampler, --eval_steps, --eval_step_schedule; a few-step sampler
+        (guided_diffusion/ode_samplers.py) ignores `use_ddim` (--eval_use_ddim, True by default).
+    """
+    choice = resolve_sampler(sampler or ("ddim" if use_ddim else "ancestral"), steps, step_schedule, prefix="eval_")
+    return SamplingOptions(image_size=image_size, class_cond=class_cond, precision=precision, seed=EVAL_SEED, **choice)
+
+
+def evaluation_respacing(options, eval_timestep_respacing):
+    """The respacing the evaluation's diffusion is built with: --eval_timestep_respacing for ancestral and DDIM
+    sampling, none for a few-step sampler, which places its steps on the full schedule."""
+    return "" if options.sampler else eval_timestep_respacing
 

@@ -17,6 +17,9 @@ always assumed; the labels are saved as arr_1 of the npz. (image_train.py builds
 Output goes to --sample_dir, by default a folder beside the checkpoint named after it and the schedule
 (e.g. samples_ema_0.9999_100000_250/); rerunning the same command resumes an interrupted run. The folder
 layout, the quantiser and the seeding are described in guided_diffusion/sampling.py.
+Samplers (--sampler): ancestral (the default) and ddim (also --use_ddim True) step through --timestep_respacing;
+dpm++2m, dpm++2m_sde and heun take --steps and --step_schedule instead (guided_diffusion/ode_samplers.py):
+    python scripts/image_sample.py --model_path ema.pt --sampler dpm++2m --steps 20
 """
 
 import os
@@ -25,6 +28,7 @@ from guided_diffusion import dist_util
 from guided_diffusion.cli import script_main
 from guided_diffusion.fileio import check_output_dir
 from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args
+from guided_diffusion.sampler_flags import resolve_sampler, sampler_label
 from guided_diffusion.sampling import SamplingOptions, sample_to_folder
 from guided_diffusion.script_util import sample_defaults
 from guided_diffusion.speed_options import apply_speed_options
@@ -35,21 +39,26 @@ def parse_args(argv=None):
     return parse_checkpoint_args(checkpoint_parser(__doc__, sample_defaults()), argv)
 
 
-def default_sample_dir(args):
-    """samples_<checkpoint>_<schedule>[_ddim|_ancestral][_eta..][_seed..][_precision][_use_fp16] beside the checkpoint.
+def default_sample_dir(args, sampler):
+    """samples_<checkpoint>_<schedule>[_ddim|_ancestral][_eta..][_seed..][_precision][_use_fp16] beside the checkpoint;
+    a few-step sampler names itself, its steps and step schedule instead of the respacing (samples_ema_heun10_karras).
 
     Only the usual variations are named; any other change is caught by the folder's run.json check.
+    :param sampler: resolve_sampler's fields.
     """
     if "://" in args.model_path:
         raise ValueError(f"--model_path {args.model_path!r} is remote; pass --sample_dir for the output")
     stem = os.path.splitext(os.path.basename(args.model_path))[0]
+    use_ddim = sampler["use_ddim"]
     spacing = args.timestep_respacing.replace(",", "-") or str(args.diffusion_steps)
+    if sampler["sampler"]:
+        spacing = f"{sampler['sampler']}{sampler['steps']}_{sampler['step_schedule']}"
     parts = [f"samples_{stem}", spacing]
-    if args.use_ddim and not spacing.startswith("ddim"):
+    if use_ddim and not spacing.startswith("ddim"):
         parts.append("ddim")
-    if not args.use_ddim and spacing.startswith("ddim"):
+    if not use_ddim and spacing.startswith("ddim"):
         parts.append("ancestral")
-    if args.use_ddim and args.ddim_eta != 0:
+    if use_ddim and args.ddim_eta != 0:
         parts.append(f"eta{args.ddim_eta:g}")
     if args.seed != 0:
         parts.append(f"seed{args.seed}")
@@ -77,15 +86,16 @@ def sample_with_flags(argv):
         raise ValueError("--model_path is required: the checkpoint to sample from (e.g. ema_0.9999_100000.pt)")
     if rank == 0 and args.config:
         print(f"flags from {args.config}, without its training options (command-line flags override)", flush=True)
-    sample_dir = args.sample_dir or default_sample_dir(args)
+    sampler = resolve_sampler(args.sampler, args.steps, args.step_schedule, args.use_ddim, args.ddim_eta,
+                              args.timestep_respacing)
+    sample_dir = args.sample_dir or default_sample_dir(args, sampler)
     check_output_dir(sample_dir, "--sample_dir")  # before the model is loaded and any sample is made
     model, diffusion, identity = load_model_and_diffusion(args)
     options = SamplingOptions(
         image_size=args.image_size,
         class_cond=args.class_cond,
         num_classes=model.num_classes or 0,
-        use_ddim=args.use_ddim,
-        ddim_eta=args.ddim_eta,
+        **sampler,
         clip_denoised=args.clip_denoised,
         precision=args.precision,
         seed=args.seed,
@@ -108,9 +118,11 @@ def sample_with_flags(argv):
         barrier=dist_util.barrier,
     )
     if rank == 0:
+        label = sampler_label(options)
         print(
-            f"{result.num_samples} samples ({result.num_generated} generated now, {result.steps_per_sample} network "
-            f"evaluations each, {result.network_evaluations} in total) -> {result.npz_path} | "
+            f"{result.num_samples} samples ({result.num_generated} generated now; {label}, {result.steps_per_sample} "
+            f"steps, {result.evaluations_per_sample} network evaluations each, {result.network_evaluations} in total) "
+            f"-> {result.npz_path} | "
             f"PNGs: {result.images_dir} | grid: {result.grid_path}",
             flush=True,
         )

@@ -41,7 +41,7 @@ from guided_diffusion.script_util import (
     train_flag_defaults,
 )
 from guided_diffusion.speed_options import apply_speed_options
-from guided_diffusion.train_eval import TrainingEvaluator, sampling_options
+from guided_diffusion.train_eval import TrainingEvaluator, evaluation_respacing, sampling_options
 from guided_diffusion.train_util import TrainLoop, resolve_precision, seed_everything
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,13 +193,14 @@ def build(args):
 
 def build_evaluator(config, rank, world_size):
     """FID/KID of EMA samples every --eval_interval steps, against --eval_reference (default: the training data)."""
+    options = sampling_options(config["image_size"], config["class_cond"], config["eval_use_ddim"],
+                               config["precision"], config["eval_sampler"], config["eval_steps"],
+                               config["eval_step_schedule"])
     diffusion_flags = {k: config[k] for k in diffusion_defaults() if k != "diffusion_steps"}
-    diffusion_flags["timestep_respacing"] = config["eval_timestep_respacing"]
+    diffusion_flags["timestep_respacing"] = evaluation_respacing(options, config["eval_timestep_respacing"])
     return TrainingEvaluator(
         diffusion=create_gaussian_diffusion(steps=config["diffusion_steps"], **diffusion_flags),
-        options=sampling_options(
-            config["image_size"], config["class_cond"], config["eval_use_ddim"], config["precision"]
-        ),
+        options=options,
         num_samples=config["eval_samples"],
         batch_size=config["eval_batch_size"],
         reference=config["eval_reference"] or config["data_dir"] or DEMO_DATASET,

@@ -23,14 +23,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from guided_diffusion import dist_util, evaluation, inception  # noqa: E402
+from guided_diffusion import dist_util, evaluation, inception, sweeps  # noqa: E402
 from guided_diffusion.plotting import save_figure  # noqa: E402
-from guided_diffusion.analysis import AnalysisError, CountingNetwork  # noqa: E402
+from guided_diffusion.analysis import AnalysisError  # noqa: E402
 from guided_diffusion.cli import script_main  # noqa: E402
-from guided_diffusion.fileio import write_csv, write_json, write_text  # noqa: E402
 from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args  # noqa: E402,E501
 from guided_diffusion.respace import space_timesteps  # noqa: E402
-from guided_diffusion.sampling import SamplingOptions, generate_batch, sample_to_folder  # noqa: E402
+from guided_diffusion.sampling import SamplingOptions  # noqa: E402
 
 TABLE_COLUMNS = ("schedule", "sampler", "steps", "network_evaluations_per_image", "num_samples", "fid", "kid_x1e3")
 
@@ -80,35 +79,14 @@ def sample_schedule(args, schedule, network):
     sampler = "ddim" if args.use_ddim else "ancestral"
     folder = f"samples_{schedule.replace(',', '-')}" + ("_ddim" if args.use_ddim else "")
     sample_dir = os.path.join(args.out_dir, folder)
-    result = sample_to_folder(model, diffusion, options, num_samples=args.num_samples, batch_size=args.batch_size,
-                              sample_dir=sample_dir, identity=identity, device=dist_util.dev())
-    metrics = evaluation.evaluate(result.npz_path, args.reference, network, metrics=args.metrics,
-                                  cache_dir=args.cache_dir, batch_size=args.batch_size, device=str(dist_util.dev()))
-    evaluation.save_results_json(metrics, os.path.splitext(result.npz_path)[0] + "_metrics.json")
-    return dict(schedule=schedule, sampler=sampler, steps=result.steps_per_sample,
-                network_evaluations_per_image=network_evaluations_per_image(model, diffusion, options),
-                num_samples=result.num_samples, fid=metrics["fid"],
-                kid=metrics["kid"], kid_x1e3=metrics["kid_x1e3"], samples=result.npz_path,
-                feature_network=metrics["feature_network"])
+    scores = sweeps.sample_and_score(model, diffusion, identity, options, sample_dir, args, network, dist_util.dev())
+    return dict(schedule=schedule, sampler=sampler, steps=diffusion.num_timesteps,
+                network_evaluations_per_image=network_evaluations_per_image(model, diffusion, options), **scores)
 
 
 def network_evaluations_per_image(model, diffusion, options):
-    """Network calls per image of the sampler, counted: sample 0 is generated again (in memory) through a wrapper
-    that counts the images each call evaluates. Ancestral and DDIM sampling make one call per respaced step."""
-    counting = CountingNetwork(model)
-    generate_batch(counting, diffusion, [0], options, dist_util.dev())
-    return counting.rows
-
-
-def markdown_table(rows):
-    def cell(value):
-        if value is None:
-            return "–"
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in TABLE_COLUMNS) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    """Counted network calls per image; ancestral and DDIM sampling make one call per respaced step."""
+    return sweeps.network_evaluations_per_image(model, diffusion, options, dist_util.dev())
 
 
 def plot(rows, path):
@@ -132,11 +110,8 @@ def run(args):
     network = inception.load_feature_network(args.mode, args.inception_path or None, str(dist_util.dev()))
     os.makedirs(args.out_dir, exist_ok=True)
     rows = [sample_schedule(args, schedule, network) for schedule in args.schedules]
-    table = markdown_table(rows)
-    write_text(os.path.join(args.out_dir, "sweep.md"), table)
-    write_csv(os.path.join(args.out_dir, "sweep.csv"), list(rows[0]), [list(row.values()) for row in rows])
-    write_json(os.path.join(args.out_dir, "sweep.json"), dict(model_path=os.path.abspath(args.model_path),
-                                                              reference=args.reference, seed=args.seed, rows=rows))
+    table = sweeps.write_tables(args.out_dir, "sweep", rows, TABLE_COLUMNS, model_path=os.path.abspath(args.model_path),
+                                reference=args.reference, seed=args.seed)
     plot(rows, os.path.join(args.out_dir, "sweep_fid.png"))
     print(table + f"wrote {args.out_dir}/sweep.md, sweep.csv, sweep.json, sweep_fid.png")
     return rows

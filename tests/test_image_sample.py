@@ -1,6 +1,7 @@
 """scripts/image_sample.py end to end with a tiny random U-Net: outputs, seeds, ranks, resume, spacings, errors."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -276,3 +277,66 @@ def test_unusable_paths_are_refused_before_the_model_is_loaded(checkpoint, tmp_p
     with pytest.raises(SystemExit, match=r"--model_path '.*' is a folder; pass one checkpoint file such as "
                                          r".*ema_0\.9999_000010\.pt$"):
         sample(folder)
+
+
+@pytest.mark.parametrize(
+    "sampler, steps, schedule, evaluations",
+    [("dpm++2m", 3, "logsnr", 3), ("dpm++2m_sde", 3, "karras", 3), ("heun", 3, "karras", 5), ("ddim", 0, "", 10)],
+)
+def test_each_sampler_writes_the_usual_files_and_records_itself(tmp_path, sampler, steps, schedule, evaluations, capsys):
+    """Class-conditional, learned variance (the ε channels are used), 3 samples in batches of 2."""
+    path = save_tiny_checkpoint(str(tmp_path / "ema_0.9999_000010.pt"), learn_sigma=True, class_cond=True)
+    few_step = sampler != "ddim"
+    flags = ["--num_samples", "3", "--batch_size", "2", "--sampler", sampler]
+    flags += ["--steps", str(steps)] if few_step else []
+    result = sample(path, *flags, learn_sigma=True, class_cond=True, timestep_respacing="" if few_step else "10")
+    folder = os.path.dirname(result.npz_path)
+    assert os.path.basename(folder) == (f"samples_ema_0.9999_000010_{sampler}{steps}_{schedule}" if few_step
+                                        else "samples_ema_0.9999_000010_10_ddim")
+    arrays = load_npz(result.npz_path)
+    assert arrays["arr_0"].shape == (3, 16, 16, 3) and arrays["arr_1"].shape == (3,)
+    assert sorted(os.listdir(result.images_dir)) == [f"{k:06d}.png" for k in range(3)]
+    assert read_png(result.grid_path)[0].shape == (20, 3 * 18 + 2, 3)
+    assert (result.steps_per_sample, result.evaluations_per_sample) == (steps or 10, evaluations)
+    with open(os.path.join(folder, "run.json")) as f:
+        run = json.load(f)
+    assert run["network_evaluations_per_sample"] == evaluations
+    if few_step:
+        assert {k: run["identity"][k] for k in ("sampler", "steps", "step_schedule", "use_ddim")} == dict(
+            sampler=sampler, steps=steps, step_schedule=schedule, use_ddim=False)
+    else:  # the identity DDIM folders always had: resumable across this change
+        assert run["identity"]["use_ddim"] and "sampler" not in run["identity"]
+    assert f"{sampler}, {steps or 10} steps, {evaluations} network evaluations each" in capsys.readouterr().out
+
+
+def test_rerun_with_another_sampler_or_step_count_is_refused(checkpoint, tmp_path):
+    sample(checkpoint, "--num_samples", "1", "--sampler", "heun", "--steps", "2", "--sample_dir", str(tmp_path / "s"),
+           timestep_respacing="")
+    for flags, change in ((["--sampler", "dpm++2m", "--steps", "2"], "sampler: folder has 'heun', now 'dpm++2m'"),
+                          (["--sampler", "heun", "--steps", "3"], "steps: folder has 2, now 3")):
+        with pytest.raises(SystemExit) as exit_info:
+            sample(checkpoint, "--num_samples", "1", *flags, "--sample_dir", str(tmp_path / "s"),
+                   timestep_respacing="")
+        assert change in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sampler", "heun", "--use_ddim", "True"], "--sampler heun and --use_ddim True contradict each other"),
+        (["--sampler", "ancestral", "--use_ddim", "True"], "--sampler ancestral and --use_ddim True contradict"),
+        (["--steps", "5"], "--sampler ancestral and --steps 5 do not go together"),
+        (["--use_ddim", "True", "--step_schedule", "karras"], "--sampler ddim and --step_schedule karras do not go"),
+        (["--sampler", "dpm++2m", "--timestep_respacing", "10"],
+         "--sampler dpm++2m and --timestep_respacing '10' do not go together"),
+        (["--sampler", "dpm++2m_sde", "--ddim_eta", "0.5"], "--sampler dpm++2m_sde and --ddim_eta 0.5 do not go"),
+        (["--sampler", "heun", "--step_schedule", "cosine"], "--step_schedule 'cosine' is not one of time, logsnr"),
+        (["--sampler", "euler"], "--sampler 'euler' is not one of ancestral, ddim, dpm++2m, dpm++2m_sde, heun"),
+    ],
+)
+def test_bad_sampler_flag_combinations_name_both_flags(tmp_path, flags, message):
+    argv = [*tiny_flags(), "--model_path", str(tmp_path / "absent.pt"), "--sample_dir", str(tmp_path / "s"), *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        image_sample.main(argv)
+    assert str(exit_info.value.code).startswith("image_sample.py: error: ") and message in str(exit_info.value.code)
+    assert not os.path.exists(tmp_path / "s")

@@ -8,7 +8,7 @@ import torch
 
 from guided_diffusion import inception
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from guided_diffusion.train_eval import TrainingEvaluator, sampling_options
+from guided_diffusion.train_eval import TrainingEvaluator, evaluation_respacing, sampling_options
 from helpers import save_standin_inception
 from train_fixtures import (
     TINY_TRAIN_FLAGS,
@@ -60,6 +60,33 @@ def test_scores_logged_at_eval_steps_come_from_the_ema_weights(images, standin, 
     scores = evaluator(model.eval())
     assert scores["fid"] == pytest.approx(rows[-1]["fid"], rel=1e-6)
     assert scores["kid"] == pytest.approx(rows[-1]["kid"], rel=1e-5, abs=1e-9)
+
+
+def test_eval_sampler_scores_with_a_few_step_sampler_on_the_full_schedule(images, standin, tmp_path):
+    """--eval_sampler heun --eval_steps 2: three network evaluations per image on the 100-step schedule (the default
+    --eval_timestep_respacing ddim50 and --eval_use_ddim True are not used)."""
+    flags = {**eval_flags(standin, tmp_path / "cache"), "eval_sampler": "heun", "eval_steps": 2}
+    train(images, tmp_path / "run", max_steps=2, **flags)
+    logged = [row for row in read_progress(tmp_path / "run") if "fid" in row][-1]
+
+    config = {**model_and_diffusion_defaults(), **TINY_TRAIN_FLAGS}
+    model, diffusion = create_model_and_diffusion(**{k: config[k] for k in model_and_diffusion_defaults()})
+    model.load_state_dict(torch.load(tmp_path / "run" / "ema_0.9_000002.pt", weights_only=True))
+    options = sampling_options(config["image_size"], False, True, "fp32", "heun", 2)
+    assert (options.sampler, options.steps, options.step_schedule, options.use_ddim) == ("heun", 2, "karras", False)
+    assert evaluation_respacing(options, "ddim5") == "" and diffusion.num_timesteps == 100
+    evaluator = TrainingEvaluator(diffusion=diffusion, options=options, num_samples=6, batch_size=4,
+                                  reference=images, inception_path=standin, cache_dir=str(tmp_path / "cache"))
+    assert evaluator(model.eval())["fid"] == pytest.approx(logged["fid"], rel=1e-6)
+
+
+def test_eval_sampler_flags_are_checked_by_name():
+    assert sampling_options(16, False, True, "fp32").use_ddim  # no --eval_sampler: --eval_use_ddim decides
+    assert not sampling_options(16, False, True, "fp32", "ancestral").use_ddim  # a named sampler wins
+    with pytest.raises(ValueError, match="--eval_sampler ancestral and --eval_steps 3 do not go together"):
+        sampling_options(16, False, True, "fp32", "ancestral", 3)
+    with pytest.raises(ValueError, match="--eval_step_schedule 'cosine' is not one of"):
+        sampling_options(16, False, True, "fp32", "dpm++2m", 0, "cosine")
 
 
 def test_evaluation_does_not_disturb_exact_resume(images, standin, tmp_path):
