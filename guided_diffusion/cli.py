@@ -9,12 +9,17 @@ AnalysisError and SamplingArgumentError), the OSErrors of a wrong path or permis
 pickle.UnpicklingError / EOFError from a truncated or foreign checkpoint. They end the script with exit code 1 through
 SystemExit(message), so a test calling main() sees the message in SystemExit. Ctrl-C ends it with exit code 130
 and, for scripts that resume, how to resume. Any other exception is a bug and raises with its traceback.
+
+In one rank of a multi-process launch (mpiexec with or without `-m mpi4py`, torchrun, srun) every one of these
+endings, after printing, ends the whole job: dist_util.end_every_rank aborts the MPI world or exits at once, so no
+other rank waits for this one in a collective (docs/clusters.md, "When a rank dies").
 """
 
 import functools
 import os
 import pickle
 import sys
+import traceback
 
 USER_ERRORS = (
     ValueError,
@@ -30,13 +35,31 @@ INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def user_errors():
-    """USER_ERRORS plus EvaluationError once guided_diffusion.inception (where it is defined) is loaded.
+    """USER_ERRORS plus EvaluationError and LaunchError once the modules defining them (guided_diffusion.inception,
+    guided_diffusion.dist_util) are loaded.
 
-    Scripts that never import the feature-network module (and clean-fid with it) cannot raise its error, so it is
+    A script that never imports a module (and what it imports: clean-fid, torch) cannot raise its error, so it is
     not imported here just to be caught.
     """
-    inception = sys.modules.get("guided_diffusion.inception")
-    return USER_ERRORS + ((inception.EvaluationError,) if inception is not None else ())
+    defined = {"guided_diffusion.inception": "EvaluationError", "guided_diffusion.dist_util": "LaunchError"}
+    return USER_ERRORS + tuple(getattr(sys.modules[name], error) for name, error in defined.items()
+                               if name in sys.modules)
+
+
+def _several_ranks():
+    """dist_util when this process is one rank of several (a script that never imported it launched no group)."""
+    dist_util = sys.modules.get("guided_diffusion.dist_util")
+    return dist_util if dist_util is not None and dist_util.several_processes() else None
+
+
+def _exit(status):
+    """sys.exit(status) (an exit code, or a message for stderr and code 1); in one rank of several, the whole job."""
+    dist_util = _several_ranks()
+    if dist_util is not None:
+        if isinstance(status, str):
+            print(status, file=sys.stderr)
+        dist_util.end_every_rank(status if isinstance(status, int) else 1)
+    sys.exit(status)
 
 
 def script_main(interrupted=""):
@@ -56,9 +79,14 @@ def script_main(interrupted=""):
                 return main(*args, **kwargs)
             except KeyboardInterrupt:
                 print(f"\n{script}: interrupted" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
-                sys.exit(INTERRUPTED_EXIT_CODE)
+                _exit(INTERRUPTED_EXIT_CODE)
             except user_errors() as err:
-                sys.exit(f"{script}: error: {err}")
+                _exit(f"{script}: error: {err}")
+            except Exception:
+                if _several_ranks() is None:
+                    raise
+                traceback.print_exc()
+                _exit(1)
 
         return run
 

@@ -2,7 +2,7 @@
 
     python scripts/image_train.py                                    # the demo: configs/demo.yaml
     python scripts/image_train.py --config configs/ffhq_p2.yaml --data_dir data/ffhq
-    mpiexec -n 8 python scripts/image_train.py ...                   (or torchrun --nproc_per_node 8 ...)
+    mpiexec -n 8 python -m mpi4py scripts/image_train.py ...         (or torchrun --nproc_per_node 8 ..., or srun)
 
 Flag values: the defaults of guided_diffusion/script_util.py (train_flag_defaults) -> --config FILE (YAML; a
 `base:` key extends another file) -> command-line flags. Without any argument the demo config is used. Every
@@ -17,6 +17,8 @@ very same command. Checkpoints come every --save_interval steps, every --save_in
 SIGTERM, SIGUSR1 (Slurm's --signal) and Ctrl-C stop training after the current step, with a checkpoint of that step
 (guided_diffusion/preemption.py); the exit code is 128 + the signal number: SIGINT 130, SIGUSR1 138, SIGTERM 143.
 A second Ctrl-C stops at once (130).
+Several processes (mpiexec, torchrun, srun: guided_diffusion/dist_util.py, docs/clusters.md) wait --dist_timeout
+minutes for each other at the start and in every collective; an error on one rank ends every rank.
 """
 
 import os
@@ -107,7 +109,7 @@ def main(argv=None):
     :raises SystemExit: with 128 + the signal number after a stop signal (see the module docstring).
     """
     args = parse_args(argv)
-    dist_util.setup_dist()
+    dist_util.setup_dist(timeout_minutes=args.dist_timeout, timeout_flag="--dist_timeout")
     try:
         loop, data, config = build(args)
         try:
@@ -118,11 +120,13 @@ def main(argv=None):
             data.close()
             loop.logger.close()
     except preemption.Stopped as stopped:
+        dist_util.cleanup()
         if loop.rank == 0:
             print(f"image_train.py: {stopped}; {_resume_advice(args, stopped.log_dir)}", file=sys.stderr, flush=True)
         raise SystemExit(stopped.exit_code) from None
-    finally:
-        dist_util.cleanup()
+    # Only after every rank finished: on an error the group is left as it is (its teardown could wait for peers
+    # that are gone) and script_main ends every rank.
+    dist_util.cleanup()
     return loop
 
 
@@ -141,6 +145,8 @@ def build(args):
     log_dir = config["log_dir"]
     logger = Logger(log_dir, enabled=rank == 0)
     logger.info(f"log dir {log_dir}; creating the model and diffusion")
+    if dist_util.describe():
+        logger.info(f"process group: {dist_util.describe()}")
     resume_checkpoint = args.resume_checkpoint
     if resume_checkpoint == AUTO_RESUME:
         resume_checkpoint = _decided_on_rank0(lambda: checkpoint.resolve_auto_resume(log_dir), rank, world_size)
