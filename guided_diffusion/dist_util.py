@@ -35,6 +35,7 @@ DEFAULT_TIMEOUT_MINUTES = 30.0
 # A test and debugging knob: "1" makes an mpiexec launch on one node use the cross-node rendezvous (rank 0's host
 # name instead of localhost), so that path runs without a second machine.
 FORCE_CROSS_NODE_STORE = "P2_FORCE_CROSS_NODE_STORE"
+MPI_OUTPUT_DRAIN_S = 1.0  # seconds a failing MPI rank waits for its output to be forwarded before MPI_Abort
 
 # Local rank found by setup_dist (MPI needs a collective for it, which must not run on a query path), and the
 # one-line description of the group it joined.
@@ -239,6 +240,9 @@ def end_every_rank(exit_code):
     sys.stdout.flush()
     sys.stderr.flush()
     if launch_env.detect(os.environ).launcher == launch_env.MPI:
+        # The launcher forwards each rank's output through its own pipes and drops what is still in them when it
+        # kills the ranks after MPI_Abort: give it a moment, or this rank's traceback is often lost.
+        time.sleep(MPI_OUTPUT_DRAIN_S)
         _mpi().COMM_WORLD.Abort(exit_code)
     os._exit(exit_code)
 
