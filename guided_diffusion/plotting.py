@@ -4,6 +4,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from .fileio import atomic_write  # noqa: E402
 from .gaussian_diffusion import SNR_STAGE_BOUNDS  # noqa: E402
@@ -58,6 +59,15 @@ def plot_metrics_against_nfe(rows, path, title):
             if points:
                 ax.plot(*zip(*points), marker="o", label=sampler)
         ax.set(xscale="log", xlabel="network evaluations per image", ylabel=name, title=f"{name} against evaluations")
+        # Ticks at the budgets themselves, as plain numbers (a log axis writes 2×10¹); of two close ones (Heun's 19
+        # beside 20) only the larger.
+        ticks = []
+        for evaluations in sorted({row["network_evaluations_per_image"] for row in rows}, reverse=True):
+            if not ticks or evaluations * 1.1 <= ticks[-1]:
+                ticks.append(evaluations)
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
