@@ -6,7 +6,8 @@
 
 User errors are the exceptions that bad flags, configs, files or checkpoints raise: ValueError (which includes
 AnalysisError and SamplingArgumentError), the OSErrors of a wrong path or permission, EvaluationError, and
-pickle.UnpicklingError / EOFError from a truncated or foreign checkpoint. They end the script with exit code 1 through
+pickle.UnpicklingError / EOFError from a truncated or foreign checkpoint, and the FloatingPointError that stops
+training whose loss became inf/NaN. They end the script with exit code 1 through
 SystemExit(message), so a test calling main() sees the message in SystemExit. Ctrl-C ends it with exit code 130
 and, for scripts that resume, how to resume. Any other exception is a bug and raises with its traceback.
 
@@ -30,6 +31,7 @@ USER_ERRORS = (
     PermissionError,
     pickle.UnpicklingError,
     EOFError,
+    FloatingPointError,  # training stopped because the loss or the weights became inf/NaN (train_util.py)
 )
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
 

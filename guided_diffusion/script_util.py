@@ -423,7 +423,7 @@ def _read_yaml_mapping(path, extending):
         try:
             values = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
+            raise ValueError(f"config file {path!r} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path!r} must hold a mapping of flag names to values")
     return values
@@ -452,3 +452,13 @@ def _convert(action, value, path):
             f"config file {path!r}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}"
         )
     return converted if action.nargs in ("+", "*") else converted[0]
+
+
+def _yaml_problem(error):
+    """A YAML parser error in one line, each part with its 1-based position, e.g. "while parsing a flow sequence
+    (line 1, column 13): expected ',' or ']', but got '<stream end>' (line 3, column 1)"."""
+    if getattr(error, "problem", None) is None:
+        return " ".join(str(error).split())
+    parts = [(error.context, error.context_mark), (error.problem, error.problem_mark)]
+    return ": ".join(text + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
+                     for text, mark in parts if text)

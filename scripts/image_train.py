@@ -21,6 +21,7 @@ Several processes (mpiexec, torchrun, srun: guided_diffusion/dist_util.py, docs/
 minutes for each other at the start and in every collective; an error on one rank ends every rank.
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -28,7 +29,7 @@ import time
 import numpy as np
 import torch.distributed as dist
 
-from guided_diffusion import checkpoint, dist_util, preemption
+from guided_diffusion import checkpoint, dist_util, preemption, run_lock
 from guided_diffusion.cli import script_main
 from guided_diffusion.image_datasets import DEMO_DATASET, load_data
 from guided_diffusion.logger import Logger
@@ -111,14 +112,15 @@ def main(argv=None):
     args = parse_args(argv)
     dist_util.setup_dist(timeout_minutes=args.dist_timeout, timeout_flag="--dist_timeout")
     try:
-        loop, data, config = build(args)
-        try:
-            if loop.rank == 0:
-                checkpoint.save_config(config["log_dir"], config)
-            loop.run_loop()
-        finally:
-            data.close()
-            loop.logger.close()
+        with contextlib.ExitStack() as held:
+            loop, data, config = build(args, held)
+            try:
+                if loop.rank == 0:
+                    checkpoint.save_config(config["log_dir"], config)
+                loop.run_loop()
+            finally:
+                data.close()
+                loop.logger.close()
     except preemption.Stopped as stopped:
         dist_util.cleanup()
         if loop.rank == 0:
@@ -138,11 +140,18 @@ def _resume_advice(args, log_dir):
     return f"to resume, rerun it with --resume_checkpoint {AUTO_RESUME} --log_dir {log_dir}"
 
 
-def build(args):
-    """(TrainLoop, data iterator, resolved config) for parsed flags, in a joined process group."""
+def build(args, held):
+    """(TrainLoop, data iterator, resolved config) for parsed flags, in a joined process group.
+
+    :param held: a contextlib.ExitStack that keeps the log dir's lock (rank 0 takes it for the job) until it closes.
+    :raises run_lock.LogDirError: when another run holds the log dir, or it cannot be a folder.
+    """
     rank, world_size = dist_util.rank_and_world_size()
     config = resolve_config(args, rank, world_size)
     log_dir = config["log_dir"]
+    if rank == 0:
+        held.enter_context(run_lock.acquire(log_dir))
+    dist_util.barrier()  # no rank reads or writes the log dir before rank 0 holds it
     logger = Logger(log_dir, enabled=rank == 0)
     logger.info(f"log dir {log_dir}; creating the model and diffusion")
     if dist_util.describe():

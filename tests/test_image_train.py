@@ -1,6 +1,8 @@
-"""scripts/image_train.py: flags and configs, log dirs, config.yaml, resume rules, and a SIGKILL mid-checkpoint."""
+"""scripts/image_train.py: flags and configs, log dirs, config.yaml, resume rules, a SIGKILL mid-checkpoint, and
+one-line errors for bad configs, data, log dirs and a diverging loss."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -173,3 +175,46 @@ def test_sigkill_during_checkpoint_write_keeps_previous_and_resume_is_exact(imag
     assert checkpoint.complete_steps(str(killed_dir)) == [2, 4, 6]
     assert not any(fileio.TEMPORARY_MARKER in n for n in os.listdir(killed_dir))
     assert checkpoint_digests(str(killed_dir), 6) == checkpoint_digests(str(tmp_path / "straight"), 6)
+
+
+def one_line_error(argv, capsys):
+    """image_train.main(argv)'s error message, checked to be one line with nothing else on stderr but the bar."""
+    with pytest.raises(SystemExit) as stopped:
+        image_train.main(argv)
+    message = stopped.value.code
+    assert isinstance(message, str) and message.startswith("image_train.py: error: ") and "\n" not in message
+    assert "Traceback" not in capsys.readouterr().err
+    return message
+
+
+CONFIG_ERRORS = {
+    "missing": (None, "config file '.*none.yaml' does not exist"),
+    "yaml_syntax": ("batch_size: [1,\nlr: 2\n", "config file '.*bad.yaml' is not valid YAML: .*line 1"),
+    "not_a_mapping": ("- 1\n- 2\n", "config file '.*bad.yaml' must hold a mapping"),
+    "unknown_key": ("batch_sise: 4\n", "config file '.*bad.yaml' has unknown key\\(s\\) batch_sise"),
+    "wrong_type": ("batch_size: four\n", "config file '.*bad.yaml'.*batch_size.*'four'"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_ERRORS)
+def test_config_errors_end_in_one_line(images, tmp_path, capsys, case):
+    text, expected = CONFIG_ERRORS[case]
+    config = tmp_path / ("none.yaml" if text is None else "bad.yaml")
+    if text is not None:
+        config.write_text(text)
+    message = one_line_error(["--config", str(config), *train_argv(images, str(tmp_path / "run"))], capsys)
+    assert re.search(expected, message), message
+    assert not (tmp_path / "run").exists()
+
+
+def test_log_dir_resume_and_non_finite_loss_errors_end_in_one_line(images, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for log_dir in (tmp_path / "file", tmp_path / "file" / "run"):
+        message = one_line_error(train_argv(images, str(log_dir)), capsys)
+        assert message.endswith(f"--log_dir {log_dir} cannot be created: {tmp_path / 'file'} is not a folder; "
+                                "choose another --log_dir")
+    missing = tmp_path / "none.pt"
+    message = one_line_error(train_argv(images, str(tmp_path / "run"), resume_checkpoint=str(missing)), capsys)
+    assert f"--resume_checkpoint '{missing}' does not exist" in message
+    message = one_line_error(train_argv(images, str(tmp_path / "nan"), lr=1e30, max_steps=6, log_interval=1), capsys)
+    assert re.search("the training loss became inf/NaN before step .* train again with a lower --lr", message)

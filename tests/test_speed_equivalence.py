@@ -1,6 +1,7 @@
 """Speed options give the results of the plain path: the fused kernels, loss and gradients under every layout and
 fold choice and torch.compile, the optimizer kernels, and inference-mode sampling (bit-identical to no_grad)."""
 
+import contextlib
 import copy
 
 import numpy as np
@@ -248,8 +249,9 @@ def test_image_train_channels_last_resumes_without_it(images, tmp_path):
         train_argv(images, str(tmp_path / "run"), max_steps=4, resume_checkpoint=str(tmp_path / "run"),
                    channels_last=False)
     )
-    resumed, data, _ = image_train.build(args)
-    data.close()
+    with contextlib.ExitStack() as held:
+        resumed, data, _ = image_train.build(args, held)
+        data.close()
     assert resumed.model.input_blocks[0][0].weight.is_contiguous()
     # The saved optimizer state now has each parameter's (plain) layout and the same values.
     for saved_param, param in zip(fast.params, resumed.params):
