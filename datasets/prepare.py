@@ -30,6 +30,7 @@ from guided_diffusion.image_datasets import (
     decode_image,
     encode_png,
     open_image_source,
+    safe_relative_name,
 )
 
 _worker_source = None   # the source, opened once in each worker process
@@ -40,7 +41,8 @@ def output_names(source):
     names = {}
     for name in source.names:
         relative = os.path.relpath(name, source.path) if isinstance(source, FolderSource) else name
-        output = os.path.splitext(relative.replace(os.sep, "/"))[0] + ".png"
+        # Whatever an archive's member names hold ("../x", "/abs/x", "C:\\x"), outputs stay inside --dest.
+        output = os.path.splitext(safe_relative_name(relative.replace(os.sep, "/")))[0] + ".png"
         if output in names:
             raise ValueError(
                 f"{names[output]!r} and {name!r} in {source.path!r} would both become {output!r}; rename one"

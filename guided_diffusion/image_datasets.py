@@ -443,6 +443,17 @@ def encode_png(image):
     return buffer.getvalue()
 
 
+def safe_relative_name(name):
+    """`name` (an archive member's or a relative file path) as a relative path that stays inside any folder it is
+    joined to: "/" and "\\" both separate, and empty, ".", ".." and drive ("C:") components are dropped.
+
+    "../../x.png" -> "x.png", "/abs/x.png" -> "abs/x.png", "a/../../x.png" -> "a/x.png", "..\\x.png" -> "x.png".
+    """
+    parts = name.replace("\\", "/").split("/")
+    kept = [part for part in parts if part not in ("", ".", "..") and not (len(part) == 2 and part[1] == ":")]
+    return "/".join(kept)
+
+
 class ImageSetWriter:
     """Context manager writing named files into a folder, or into a `.zip` when `dest` ends with ".zip".
 
@@ -465,7 +476,12 @@ class ImageSetWriter:
         return self
 
     def add(self, name, data):
-        """Store bytes `data` as `name` (a relative path with "/" separators)."""
+        """Store bytes `data` as `name` (a relative path with "/" separators, as safe_relative_name makes them).
+
+        :raises ValueError: for a name that could land outside `dest` ("..", an absolute path, a drive, a backslash).
+        """
+        if name != safe_relative_name(name):
+            raise ValueError(f"{name!r} is not a plain relative path inside {self.dest!r}")
         if self.is_zip:
             info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
             info.create_system = 3              # Unix, so the permission bits below mean what they say

@@ -84,3 +84,55 @@ def test_existing_dest_and_name_collisions_are_errors(raw_folder, tmp_path):
         prepare.prepare_dataset(str(raw_folder), str(tmp_path / "new"), 16, workers=0)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         prepare.prepare_dataset(str(tmp_path / "nowhere"), str(tmp_path / "new"), 16, workers=0)
+
+
+HOSTILE_MEMBERS = {  # zip member name -> where prepare.py writes it, relative to --dest (None: not listed)
+    "../../x1.png": None,  # a ".." component is hidden ("."), so neither training nor prepare.py lists it
+    "a/../../x3.png": None,
+    "..\\..\\x4.png": None,
+    "/abs/x2.png": "abs/x2.png",
+    "C:\\win\\x5.png": "win/x5.png",
+    "fine/x6.png": "fine/x6.png",
+}
+WRITTEN = sorted(name for name in HOSTILE_MEMBERS.values() if name is not None)
+
+
+def _tree(root):
+    """Every file under `root`, as paths relative to it."""
+    return sorted(os.path.relpath(os.path.join(folder, name), root)
+                  for folder, _, names in os.walk(root) for name in names)
+
+
+@pytest.mark.parametrize("dest_name", ["out", "out.zip"])
+def test_member_names_that_climb_out_of_dest_are_written_inside_it(tmp_path, dest_name):
+    work = tmp_path / "work" / "deeper"  # "../../" from --dest lands in tmp_path/work
+    work.mkdir(parents=True)
+    archive = work / "hostile.zip"
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in HOSTILE_MEMBERS:
+            image = Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
+            with zf.open(name, "w") as f:
+                image.save(f, format="PNG")
+    before = _tree(tmp_path)
+    dest = work / dest_name
+    prepare.main(["--source", str(archive), "--dest", str(dest), "--size", "16", "--workers", "0"])
+    new_files = sorted(set(_tree(tmp_path)) - set(before))
+    if dest_name == "out":
+        assert new_files == [os.path.join("work", "deeper", "out", *name.split("/")) for name in WRITTEN]
+    else:
+        assert new_files == [os.path.join("work", "deeper", "out.zip")]
+        with zipfile.ZipFile(dest) as zf:
+            assert sorted(zf.namelist()) == WRITTEN
+    # Training reads such an archive directly without writing anything.
+    batch, _ = next(load_data(data_dir=str(archive), batch_size=2, image_size=16, deterministic=True))
+    assert batch.shape == (2, 3, 16, 16)
+
+
+def test_the_writer_refuses_a_name_that_is_not_plain(tmp_path):
+    from guided_diffusion.image_datasets import ImageSetWriter
+
+    for dest in (tmp_path / "folder", tmp_path / "set.zip"):
+        with ImageSetWriter(str(dest)) as writer, pytest.raises(ValueError, match="is not a plain relative path"):
+            writer.add("../escaped.png", b"x")
+    assert not (tmp_path / "escaped.png").exists()
