@@ -135,6 +135,9 @@ class ImageBatches:
             if name not in self.skipped_files:
                 self.skipped_files[name] = error
                 warnings.warn(f"skipping unreadable image {name}: {error}", RuntimeWarning, stacklevel=2)
+        if x is None:  # the shard has too few readable images; y holds the reader's message
+            self.close()
+            raise ValueError(y + ("; see the warnings above for the skipped files" if skipped else ""))
         self.batch_index += 1
         if self.batch_index == self.batches_per_epoch:
             self.epoch, self.batch_index = self.epoch + 1, 0
@@ -156,8 +159,16 @@ class ImageBatches:
         self.epoch, self.batch_index = epoch, batch_index
 
     def close(self):
-        """Stop the decoding workers (they restart on the next `next()`)."""
-        self._iterator = None
+        """Stop the decoding workers now (they restart on the next `next()`).
+
+        Now, not when the iterator is collected: an exception's traceback can keep it alive until the interpreter
+        exits, and there multiprocessing ends leftover workers with SIGTERM, which they ignore (preemption.py), so
+        the exit would wait for them for ever.
+        """
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # absent without workers
+        if shutdown is not None:
+            shutdown()
 
     def _loader(self):
         return DataLoader(
@@ -221,7 +232,8 @@ class _BatchReader(Dataset):
         return self._order
 
     def __getitem__(self, key):
-        """(epoch, batch index) -> (x float32 [N, 3, S, S] in [-1, 1], y int64 [N] or None, [(name, error)])."""
+        """(epoch, batch index) -> (x float32 [N, 3, S, S] in [-1, 1], y int64 [N] or None, [(name, error)]); x None
+        and y a message when the shard has fewer than N readable images."""
         epoch, batch_index = key
         order = self.epoch_order(epoch)
         images, indices, skipped = [], [], []
@@ -238,11 +250,9 @@ class _BatchReader(Dataset):
                 continue
             images.append(self._augment(image, epoch, file_index))
             indices.append(file_index)
-        if len(images) < self.batch_size:
-            raise RuntimeError(
-                f"only {len(images)} of the {len(order)} images of this rank's shard of {self.source.path!r} are "
-                f"readable, fewer than batch_size {self.batch_size}; see the warnings above for the skipped files"
-            )
+        if len(images) < self.batch_size:  # raised by ImageBatches in the main process, after its warnings
+            return None, (f"only {len(images)} of the {len(order)} images of this rank's shard of "
+                          f"{self.source.path!r} are readable, fewer than batch_size {self.batch_size}"), skipped
         x = torch.from_numpy(np.stack(images).astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2).contiguous()
         y = torch.from_numpy(self.labels[indices]) if self.labels is not None else None
         return x, y, skipped

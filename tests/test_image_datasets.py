@@ -3,11 +3,14 @@
 import io
 import math
 import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
 import pytest
 import torch
+from launchers import clean_env
 from PIL import Image
 
 from guided_diffusion import dist_util, image_datasets
@@ -331,9 +334,14 @@ def test_corrupt_files_are_skipped_with_one_warning_and_full_batches(tmp_path):
 def test_unreadable_shard_is_a_clear_error(tmp_path):
     for i in range(3):
         (tmp_path / f"img_{i}.png").write_bytes(b"garbage")
-    data = load_data(data_dir=str(tmp_path), batch_size=2, image_size=4, num_workers=0, rank=0, world_size=1)
-    with pytest.raises(RuntimeError, match="only 0 of the 3 images"):
-        next(data)
+    for workers in (0, 1):
+        data = load_data(data_dir=str(tmp_path), batch_size=2, image_size=4, num_workers=workers, rank=0,
+                         world_size=1)
+        with pytest.warns(RuntimeWarning, match="skipping unreadable image"), \
+                pytest.raises(ValueError, match="^only 0 of the 3 images .* are readable, fewer than batch_size 2; "
+                                                "see the warnings above for the skipped files$"):
+            next(data)
+        assert data._iterator is None  # the worker was stopped
 
 
 def _decode_file(path):
@@ -383,3 +391,26 @@ def test_demo_dataset_missing_explains_how_to_rebuild(monkeypatch, tmp_path):
     monkeypatch.setattr(image_datasets, "DEMO_DATASET", str(tmp_path / "emoji32.zip"))
     with pytest.raises(FileNotFoundError, match="build_emoji.py"):
         load_data(data_dir="", batch_size=1, image_size=32)
+
+
+BROKEN_WORKER = """
+import sys
+from guided_diffusion import image_datasets
+data = image_datasets.load_data(data_dir=sys.argv[1], batch_size=2, image_size=8, num_workers=1)
+def unreadable_disk(name):
+    raise RuntimeError("the disk went away")
+data._reader.source.read = unreadable_disk  # in the worker too: it is forked after this
+try:
+    next(data)
+finally:
+    data.close()  # as image_train.py does on any error
+"""
+
+
+def test_a_bug_in_a_decoding_worker_ends_the_process_instead_of_waiting_for_the_worker(tmp_path):
+    """The worker ignores SIGTERM (preemption.py), so an exit that left it running would wait for it for ever."""
+    for i in range(4):
+        _save(str(tmp_path / f"img_{i}.png"), np.zeros((8, 8, 3), dtype=np.uint8))
+    result = subprocess.run([sys.executable, "-c", BROKEN_WORKER, str(tmp_path)], env=clean_env(),
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1 and "the disk went away" in result.stderr, result.stderr[-3000:]

@@ -218,3 +218,22 @@ def test_log_dir_resume_and_non_finite_loss_errors_end_in_one_line(images, tmp_p
     assert f"--resume_checkpoint '{missing}' does not exist" in message
     message = one_line_error(train_argv(images, str(tmp_path / "nan"), lr=1e30, max_steps=6, log_interval=1), capsys)
     assert re.search("the training loss became inf/NaN before step .* train again with a lower --lr", message)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_data_dir_without_readable_images_ends_in_one_line(tmp_path, num_workers):
+    """Every image corrupt: one line after the skip warnings, exit 1, and no wait for the decoding worker (before,
+    the worker's error came back as a traceback and the exit then waited for ever for the worker)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for index in range(6):
+        (data / f"x{index}.png").write_bytes(b"not a png" * (index + 1))
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "image_train.py"),
+         *train_argv(str(data), str(tmp_path / "run"), num_workers=num_workers)],
+        env=clean_env(PYTHONWARNINGS="ignore"), capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.split("\n") if line.strip() and "step/s" not in line]  # not the bar
+    assert lines == [f"image_train.py: error: only 0 of the 6 images of this rank's shard of '{data}' are readable, "
+                     "fewer than batch_size 4; see the warnings above for the skipped files"], result.stderr[-3000:]
