@@ -316,14 +316,24 @@ class FolderSource:
         self.path = path
         self.names = self._list(path)
 
-    def _list(self, folder):
+    def _list(self, folder, ancestors=()):
+        """Image paths under `folder`; `ancestors`: the real paths of the folders above it (local folders only).
+
+        :raises ValueError: at a symbolic link to a folder that contains it (the listing would never end).
+        """
+        if "://" not in folder:
+            real = os.path.realpath(folder)
+            if real in ancestors:
+                raise ValueError(f"{folder} is a symbolic link to {real}, a folder that contains it, so the data dir "
+                                 "never ends; remove the link or choose another --data_dir")
+            ancestors = (*ancestors, real)
         names = []
         for entry in sorted(bf.listdir(folder)):
             if not is_listed_entry(entry):
                 continue
             full_path = bf.join(folder, entry)
             if bf.isdir(full_path):
-                names.extend(self._list(full_path))
+                names.extend(self._list(full_path, ancestors))
             elif has_image_extension(entry) and _is_regular_file(full_path):
                 names.append(full_path)
         return names

@@ -414,3 +414,23 @@ def test_a_bug_in_a_decoding_worker_ends_the_process_instead_of_waiting_for_the_
     result = subprocess.run([sys.executable, "-c", BROKEN_WORKER, str(tmp_path)], env=clean_env(),
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1 and "the disk went away" in result.stderr, result.stderr[-3000:]
+
+
+def test_a_symbolic_link_loop_in_the_data_dir_is_named(tmp_path):
+    for i in range(2):
+        _save(str(tmp_path / "sub" / f"img_{i}.png"), np.zeros((8, 8, 3), dtype=np.uint8))
+    os.symlink(tmp_path, tmp_path / "sub" / "up")
+    os.symlink(tmp_path / "sub", tmp_path / "beside")  # a link to a folder that is not above it is followed
+    # Listed in sorted order: the loop is met first through "beside", the link to sub.
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'beside' / 'up'} is a symbolic link to {tmp_path}, a folder "
+                                         "that contains it"):
+        load_data(data_dir=str(tmp_path), batch_size=1, image_size=8)
+    os.remove(tmp_path / "sub" / "up")
+    assert len(image_datasets.FolderSource(str(tmp_path)).names) == 4
+
+
+def test_a_fifo_with_an_image_name_is_not_listed(tmp_path):
+    """Reading a FIFO blocks until a writer comes: listed, it would stop training for ever."""
+    _save(str(tmp_path / "img_0.png"), np.zeros((8, 8, 3), dtype=np.uint8))
+    os.mkfifo(tmp_path / "img_1.png")
+    assert image_datasets.FolderSource(str(tmp_path)).names == [str(tmp_path / "img_0.png")]
