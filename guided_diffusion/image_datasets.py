@@ -18,6 +18,7 @@ import io
 import math
 import os
 import warnings
+import weakref
 import zipfile
 
 import blobfile as bf
@@ -35,6 +36,12 @@ ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 SIXTEEN_BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # "I": how some Pillow versions open 16-bit PNGs
 _SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1  # keep the two kinds of seeded generators from ever sharing a seed
 MACOS_RESOURCE_FOLDER = "__MACOSX"
+# Limits that keep a zip or decompression bomb from taking the memory (per worker) before it is skipped: the bytes
+# of one image file (a 1024 px PNG has a few MB; a 1 GB member in a 1 MB zip is refused from its declared size,
+# before any decompression) and the pixels an image header may declare (checked before decoding; 50 M pixels is an
+# RGB image of 150 MB, 7071 x 7071 px).
+MAX_IMAGE_BYTES = 64 * 2**20
+MAX_IMAGE_PIXELS = 50_000_000
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)   # earliest time a zip header holds; fixed so written zips are reproducible
 
 
@@ -112,6 +119,7 @@ class ImageBatches:
         self._reader = reader
         self._num_workers = num_workers
         self._iterator = None
+        self._stop_workers = lambda: None
         self.epoch = 0
         self.batch_index = 0
         self.skipped_files = {}
@@ -130,6 +138,9 @@ class ImageBatches:
     def __next__(self):
         if self._iterator is None:
             self._iterator = iter(self._loader())
+            # Its workers stop when close() is called, this object is collected or the interpreter exits, whichever
+            # comes first: at exit multiprocessing would end them with SIGTERM, which they ignore (preemption.py).
+            self._stop_workers = weakref.finalize(self, _stop_workers, self._iterator)
         x, y, skipped = next(self._iterator)
         for name, error in skipped:
             if name not in self.skipped_files:
@@ -159,16 +170,10 @@ class ImageBatches:
         self.epoch, self.batch_index = epoch, batch_index
 
     def close(self):
-        """Stop the decoding workers now (they restart on the next `next()`).
-
-        Now, not when the iterator is collected: an exception's traceback can keep it alive until the interpreter
-        exits, and there multiprocessing ends leftover workers with SIGTERM, which they ignore (preemption.py), so
-        the exit would wait for them for ever.
-        """
-        iterator, self._iterator = self._iterator, None
-        shutdown = getattr(iterator, "_shutdown_workers", None)  # absent without workers
-        if shutdown is not None:
-            shutdown()
+        """Stop the decoding workers now (they restart on the next `next()`), not when the iterator is collected: an
+        exception's traceback can keep it alive until the interpreter exits."""
+        self._iterator = None
+        self._stop_workers()  # a weakref.finalize: runs at most once
 
     def _loader(self):
         return DataLoader(
@@ -181,6 +186,13 @@ class ImageBatches:
             # too (the process group); a worker that died of one would end training with a traceback instead.
             worker_init_fn=preemption.ignore_stop_signals,
         )
+
+
+def _stop_workers(iterator):
+    """End the worker processes of a DataLoader iterator (none without workers)."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 class _BatchKeys:
@@ -340,7 +352,7 @@ class FolderSource:
 
     def read(self, name):
         with bf.BlobFile(name, "rb") as f:
-            return f.read()
+            return read_capped(f, name)
 
 
 class ZipSource:
@@ -368,7 +380,11 @@ class ZipSource:
     def read(self, name):
         if self._archive_pid != os.getpid():
             self._archive, self._archive_pid = zipfile.ZipFile(self.path), os.getpid()
-        return self._archive.read(name)
+        declared = self._archive.getinfo(name).file_size
+        if declared > MAX_IMAGE_BYTES:
+            raise UnreadableImageError(_too_large(f"it declares {declared} bytes, more"))
+        with self._archive.open(name) as f:
+            return read_capped(f, name)
 
     def __getstate__(self):
         return {**self.__dict__, "_archive": None, "_archive_pid": None}
@@ -394,14 +410,36 @@ class UnreadableImageError(ValueError):
     """A file with an image extension that Pillow cannot decode (corrupt, truncated or not an image)."""
 
 
+def read_capped(file, name):
+    """The bytes of an open image file, reading at most MAX_IMAGE_BYTES + 1 of them (a zip member may lie about
+    its size); UnreadableImageError when there are more."""
+    data = file.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise UnreadableImageError(_too_large("it holds more bytes"))
+    return data
+
+
+def _too_large(what):
+    return (f"{what} than the {MAX_IMAGE_BYTES} an image file may have here (image_datasets.MAX_IMAGE_BYTES): "
+            "a zip bomb, or not an image")
+
+
 def decode_image(data):
-    """Encoded bytes -> RGB PIL image (see `to_rgb`); raises UnreadableImageError for anything undecodable."""
+    """Encoded bytes -> RGB PIL image (see `to_rgb`); raises UnreadableImageError for anything undecodable, and for
+    a header declaring more than MAX_IMAGE_PIXELS pixels (before decoding them)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise UnreadableImageError(
+                    f"its header declares {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS} an image may "
+                    "have here (image_datasets.MAX_IMAGE_PIXELS): a decompression bomb?")
             image.load()
             return to_rgb(image)
     except Image.UnidentifiedImageError:
         raise UnreadableImageError("not in an image format Pillow recognises") from None
+    except UnreadableImageError:
+        raise
     # Decoders of damaged files fail with many exception types (OSError, SyntaxError, struct.error, ...);
     # all of them mean the same thing here: this file cannot be used.
     except Exception as e:

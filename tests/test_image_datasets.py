@@ -434,3 +434,19 @@ def test_a_fifo_with_an_image_name_is_not_listed(tmp_path):
     _save(str(tmp_path / "img_0.png"), np.zeros((8, 8, 3), dtype=np.uint8))
     os.mkfifo(tmp_path / "img_1.png")
     assert image_datasets.FolderSource(str(tmp_path)).names == [str(tmp_path / "img_0.png")]
+
+
+LEFT_OPEN = """
+import sys
+from guided_diffusion import image_datasets
+data = image_datasets.load_data(data_dir=sys.argv[1], batch_size=2, image_size=8, num_workers=1)
+next(data)  # and exit without close(), as a short user script does
+"""
+
+
+def test_a_script_that_never_closes_its_data_still_exits(tmp_path):
+    for i in range(4):
+        _save(str(tmp_path / f"img_{i}.png"), np.zeros((8, 8, 3), dtype=np.uint8))
+    result = subprocess.run([sys.executable, "-c", LEFT_OPEN, str(tmp_path)], env=clean_env(), capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]

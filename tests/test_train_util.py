@@ -254,7 +254,9 @@ def _nan_losses_from_call(monkeypatch, first_bad_call):
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path, monkeypatch):
     _nan_losses_from_call(monkeypatch, first_bad_call=2)  # steps 1-2 are fine, step 3 is not
     # The message names the last good checkpoint and how to train on from its weights with a lower --lr.
-    with pytest.raises(FloatingPointError, match="state000002.pt; to train on from it with a lower --lr, .*model000002"):
+    with pytest.raises(SystemExit,
+                       match="^image_train.py: error: .*state000002.pt; to train on from it with a lower --lr, "
+                             ".*model000002"):
         train(images, tmp_path, max_steps=6, save_interval=2, log_interval=2)
     assert checkpoint.complete_steps(str(tmp_path)) == [2]
     assert not any(name.endswith("000004.pt") for name in os.listdir(tmp_path))
@@ -265,7 +267,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path, m
 def test_fp16_aborts_after_repeated_skipped_steps(images, tmp_path, monkeypatch):
     monkeypatch.setattr(train_util, "MAX_CONSECUTIVE_SKIPPED_FP16_STEPS", 3)
     _nan_losses_from_call(monkeypatch, first_bad_call=0)
-    with pytest.raises(FloatingPointError, match="3 consecutive steps"):
+    with pytest.raises(SystemExit, match="^image_train.py: error: fp16: 3 consecutive steps"):
         train(images, tmp_path, precision="fp16", max_steps=10)
 
 
