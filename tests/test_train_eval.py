@@ -1,6 +1,8 @@
 """FID/KID during training (the paper's Fig. 4): logged at eval steps from the EMA weights, resume-safe."""
 
 import os
+import shutil
+import warnings
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from guided_diffusion import inception
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from guided_diffusion.train_eval import TrainingEvaluator, evaluation_respacing, sampling_options
 from helpers import save_standin_inception
+from test_zip_bombs import huge_png_header
 from train_fixtures import (
     TINY_TRAIN_FLAGS,
     checkpoint_digests,
@@ -109,3 +112,22 @@ def test_missing_inception_weights_stop_before_training(images, tmp_path, monkey
         train(images, tmp_path / "run", max_steps=2, eval_interval=1)
     assert "inception" in str(exit_info.value).lower()
     assert not os.path.exists(tmp_path / "run" / "model000001.pt")
+
+
+def test_a_corrupt_and_an_oversized_image_in_the_data_are_skipped_by_training_and_by_its_fid(images, standin,
+                                                                                             tmp_path):
+    """The loader and the FID reference list and decode --data_dir the same way: both skip the two bad files (with
+    warnings that count them) and training goes through two evaluations."""
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    (data / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (data / "oversized.png").write_bytes(huge_png_header())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(str(data), tmp_path / "run", max_steps=4, **eval_flags(standin, tmp_path / "cache"))
+    rows = [row for row in read_progress(tmp_path / "run") if "fid" in row]
+    assert [row["step"] for row in rows] == [2, 4] and all(row["fid"] > 0 for row in rows)
+    messages = [str(w.message) for w in caught]
+    for name in ("corrupt.png", "oversized.png"):
+        assert any(m.startswith(f"skipping unreadable image {data / name}") for m in messages), messages
+    assert any(m.startswith(f"{data}: skipped 2 unreadable image(s)") for m in messages), messages
