@@ -12,7 +12,6 @@ warning and counted.
 See datasets/README.md for each dataset of the paper.
 """
 
-import argparse
 import contextlib
 import multiprocessing
 import os
@@ -21,7 +20,8 @@ import sys
 from PIL import Image
 from tqdm import tqdm
 
-from guided_diffusion.cli import script_main
+from guided_diffusion import fileio
+from guided_diffusion.cli import OneLineArgumentParser, script_main
 from guided_diffusion.image_datasets import (
     FolderSource,
     ImageSetWriter,
@@ -78,13 +78,16 @@ def prepare_dataset(source_path, dest, size, workers):
         raise ValueError(f"--size {size} must be a positive number of pixels")
     if not source_path:
         raise ValueError("--source is required: a folder or .zip of images")
+    if workers < 0:
+        raise ValueError(f"--workers {workers} must be >= 0 (0 = decode in this process)")
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise FileExistsError(f"--dest {dest!r} already exists and is not an empty folder; choose a new path")
-    source = open_image_source(source_path)
+    (fileio.check_output_file if dest.lower().endswith(".zip") else fileio.check_output_dir)(dest, "--dest")
+    source = open_image_source(source_path, name="--source")
     names = output_names(source)
     jobs = [(name, size) for name in source.names]
     skipped = {}
-    with ImageSetWriter(dest) as writer, contextlib.ExitStack() as stack:
+    with _naming_dest(dest), ImageSetWriter(dest) as writer, contextlib.ExitStack() as stack:
         if workers > 0:
             pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_init_worker, initargs=(source,)))
             results = pool.imap(_prepare_in_worker, jobs, chunksize=16)
@@ -96,12 +99,27 @@ def prepare_dataset(source_path, dest, size, workers):
                 tqdm.write(f"warning: skipping unreadable image {name}: {error}", file=sys.stderr)
                 continue
             writer.add(names[name], data)
+        if len(skipped) == len(jobs):  # raised inside the writer, so that a zip --dest is not created
+            raise ValueError(f"--source {source_path!r}: none of its {len(jobs)} images is readable (see the "
+                             "warnings above)")
     return len(jobs) - len(skipped), skipped
+
+
+@contextlib.contextmanager
+def _naming_dest(dest):
+    """An OSError of creating or writing --dest (no such folder, no permission) as one error naming the flag; a full
+    disk keeps its own message (fileio.NoSpaceError)."""
+    try:
+        yield
+    except fileio.NoSpaceError:
+        raise
+    except OSError as e:
+        raise ValueError(f"--dest {dest!r} cannot be written: {e.strerror or e} ({e.filename})") from None
 
 
 @script_main()
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", required=True, help="folder (searched recursively) or .zip of raw images")
     parser.add_argument("--dest", required=True, help="output folder, or a path ending in .zip")
     parser.add_argument("--size", type=int, default=256, help="output side in pixels (the paper: 256)")

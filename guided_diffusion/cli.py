@@ -16,6 +16,7 @@ endings, after printing, ends the whole job: dist_util.end_every_rank aborts the
 other rank waits for this one in a collective (docs/clusters.md, "When a rank dies").
 """
 
+import argparse
 import functools
 import os
 import pickle
@@ -93,3 +94,11 @@ def script_main(interrupted=""):
         return run
 
     return decorate
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors (a missing or malformed flag) are user errors like any other: under
+    script_main one line "<script>: error: ..." and exit code 1, instead of argparse's usage text and exit code 2."""
+
+    def error(self, message):
+        raise ValueError(f"{message} (see --help)")

@@ -285,8 +285,11 @@ class _BatchReader(Dataset):
 # Sources
 
 
-def open_image_source(data_dir):
-    """A folder or `.zip` of images -> a source with `.path`, `.names` (sorted recursive listing) and `.read(name)`."""
+def open_image_source(data_dir, name="data_dir"):
+    """A folder or `.zip` of images -> a source with `.path`, `.names` (sorted recursive listing) and `.read(name)`.
+
+    :param name: how errors name the path (the flag it came from, e.g. "--source").
+    """
     path = data_dir or DEMO_DATASET
     if not data_dir and not os.path.isfile(DEMO_DATASET):
         raise FileNotFoundError(
@@ -294,16 +297,16 @@ def open_image_source(data_dir):
             "or pass --data_dir"
         )
     if not bf.exists(path):
-        raise FileNotFoundError(f"data_dir {path!r} does not exist")
+        raise FileNotFoundError(f"{name} {path!r} does not exist")
     if bf.isdir(path):
         source = FolderSource(path)
     elif path.lower().endswith(".zip"):
-        source = ZipSource(path)
+        source = ZipSource(path, name)
     else:
-        raise ValueError(f"data_dir {path!r} is a file but not a .zip; pass a folder or a .zip of images")
+        raise ValueError(f"{name} {path!r} is a file but not a .zip; pass a folder or a .zip of images")
     if not source.names:
         raise ValueError(
-            f"data_dir {path!r} holds no images (searched recursively for extensions {', '.join(IMAGE_EXTENSIONS)})"
+            f"{name} {path!r} holds no images (searched recursively for extensions {', '.join(IMAGE_EXTENSIONS)})"
         )
     return source
 
@@ -362,14 +365,15 @@ class ZipSource:
     Listed as `FolderSource` lists: members with an image extension, no path component hidden or `__MACOSX`.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, name="data_dir"):
+        """:param name: how errors name the path (see open_image_source)."""
         self.path = path
         self._archive, self._archive_pid = None, None
         try:
             with zipfile.ZipFile(path) as archive:
                 members = archive.namelist()
         except zipfile.BadZipFile as e:
-            raise ValueError(f"data_dir {path!r} is not a readable zip file ({e})") from None
+            raise ValueError(f"{name} {path!r} is not a readable zip file ({e})") from None
         images = [
             m for m in members
             if not m.endswith("/") and has_image_extension(m) and all(map(is_listed_entry, m.split("/")))

@@ -2,12 +2,15 @@
 
 import importlib.util
 import os
+import re
+import subprocess
 import sys
 import zipfile
 
 import numpy as np
 import pytest
 import torch
+from launchers import clean_env
 from PIL import Image
 
 from guided_diffusion.image_datasets import center_crop_arr, decode_image, load_data
@@ -136,3 +139,49 @@ def test_the_writer_refuses_a_name_that_is_not_plain(tmp_path):
         with ImageSetWriter(str(dest)) as writer, pytest.raises(ValueError, match="is not a plain relative path"):
             writer.add("../escaped.png", b"x")
     assert not (tmp_path / "escaped.png").exists()
+
+
+def _bad_source(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_bytes(b"not a png")
+    return tmp_path / "bad"
+
+
+PREPARE_ERRORS = [  # (case, flags from tmp_path, the one line expected on stderr after "prepare.py: error: ")
+    ("missing source", lambda t: ["--source", str(t / "none"), "--dest", str(t / "o")],
+     r"--source '.*none' does not exist"),
+    ("not a zip", lambda t: ["--source", str(_a_file(t, "x.zip")), "--dest", str(t / "o")],
+     r"--source '.*x.zip' is not a readable zip file"),
+    ("empty source", lambda t: ["--source", str(_empty(t)), "--dest", str(t / "o")],
+     r"--source '.*empty' holds no images"),
+    ("all unreadable", lambda t: ["--source", str(_bad_source(t)), "--dest", str(t / "o.zip"), "--workers", "0"],
+     r"--source '.*bad': none of its 1 images is readable \(see the warnings above\)"),
+    ("dest under a file", lambda t: ["--source", str(_bad_source(t)), "--dest", str(_a_file(t, "f") / "o")],
+     r"--dest '.*f/o' cannot be created: .*f is a file, not a folder"),
+    ("dest not empty", lambda t: ["--source", str(_bad_source(t)), "--dest", str(_a_file(t, "f"))],
+     r"--dest '.*f' already exists and is not an empty folder"),
+    ("bad size", lambda t: ["--source", "s", "--dest", "d", "--size", "x"], r"argument --size: invalid int value: 'x'"),
+    ("no source flag", lambda t: ["--dest", "d"], r"the following arguments are required: --source"),
+    ("negative workers", lambda t: ["--source", "s", "--dest", "d", "--workers", "-1"], r"--workers -1 must be >= 0"),
+]
+
+
+def _a_file(tmp_path, name):
+    (tmp_path / name).write_text("x")
+    return tmp_path / name
+
+
+def _empty(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
+
+
+@pytest.mark.parametrize("flags, expected", [case[1:] for case in PREPARE_ERRORS], ids=[c[0] for c in PREPARE_ERRORS])
+def test_each_user_error_is_one_line(tmp_path, flags, expected):
+    result = subprocess.run([sys.executable, PREPARE_PATH, *flags(tmp_path)], env=clean_env(PYTHONWARNINGS="ignore"),
+                            capture_output=True, text=True, timeout=120, check=False)
+    lines = [line for line in result.stderr.splitlines()  # not the progress bar or the skip warnings
+             if line.strip() and "img/s" not in line and not line.startswith("warning:")]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert re.fullmatch(r"prepare.py: error: " + expected + r".*", lines[0]), lines[0]
+    assert not (tmp_path / "o.zip").exists()
