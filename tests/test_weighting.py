@@ -215,7 +215,7 @@ def small_model_and_batch(**flags):
     x0 = torch.rand(6, 3, 16, 16, generator=g) * 2 - 1
     noise = torch.randn(x0.shape, generator=g)
     t = torch.tensor([0, 9, 250, 500, 777, 999])
-    return diffusion.training_losses(model, x0, t, noise=noise), t
+    return diffusion.training_losses(model, x0, t, noise=noise), t, diffusion
 
 
 @pytest.mark.parametrize("flags", [
@@ -227,11 +227,13 @@ def small_model_and_batch(**flags):
 def test_p2_flags_give_the_losses_of_the_code_before_the_other_weightings(flags):
     """The loss is mse_raw times float32((k + SNR_t)^-γ) (plus the unweighted vb), bit for bit, with SNR_t from the
     betas as the code before the other weightings computed it."""
-    terms, t = small_model_and_batch(**flags)
+    terms, t, diffusion = small_model_and_batch(**flags)
     betas = get_named_beta_schedule(flags.get("noise_schedule", "linear"), 1000)
     alphas_cumprod = np.cumprod(1.0 - betas)
     snr = alphas_cumprod / (1.0 - alphas_cumprod)
-    factor = torch.as_tensor((flags.get("p2_k", 1.0) + snr) ** -flags.get("p2_gamma", 0.0))[t].float()
+    table = (flags.get("p2_k", 1.0) + snr) ** -flags.get("p2_gamma", 0.0)
+    np.testing.assert_array_equal(diffusion.loss_weight, table)  # float64, bit for bit
+    factor = torch.as_tensor(table)[t].float()
     expected = factor * terms["mse_raw"] + terms.get("vb", 0.0)
     assert torch.equal(terms["loss"], expected)
     if not flags.get("p2_gamma"):
@@ -239,9 +241,9 @@ def test_p2_flags_give_the_losses_of_the_code_before_the_other_weightings(flags)
 
 
 def test_other_weightings_weight_only_the_mse_and_scale_it_by_the_table():
-    base, t = small_model_and_batch(learn_sigma=True, rescale_learned_sigmas=True)
+    base, t, _ = small_model_and_batch(learn_sigma=True, rescale_learned_sigmas=True)
     for weighting in ("min_snr", "soft_min_snr", "sigmoid", "edm"):
-        terms, _ = small_model_and_batch(learn_sigma=True, rescale_learned_sigmas=True, weighting=weighting,
+        terms, _, _ = small_model_and_batch(learn_sigma=True, rescale_learned_sigmas=True, weighting=weighting,
                                          normalize_weights=True)
         table = diffusion_for(weighting=weighting, normalize_weights=True).loss_weight
         assert torch.equal(terms["mse_raw"], base["mse_raw"]) and torch.equal(terms["vb"], base["vb"])
