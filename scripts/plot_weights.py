@@ -3,7 +3,7 @@ and print their summary statistics.
 
 Writes to --out_dir:
   fig3_weights.png      SNR of each schedule; baseline λ_t and P2 λ'_t against SNR (log axes), per schedule
-  figA_weights.png      λ'_t against t, normalised to sum 1 against t and against SNR
+  figA_weights.png      λ'_t against t, normalised to sum 1 against t and against SNR; the paper's stages shaded
   weights.csv           t, schedule, SNR_t, and per γ: the P2 factor w_t and λ'_t
   summary.json          per schedule and γ: mean w_t, shares of total w per paper stage and per quarter of t
   schemes_weights.png   per schedule, the ε-MSE weight of every --schemes entry: raw and normalised (mean 1 over t)
@@ -120,25 +120,12 @@ def shade_stages_over_t(ax, snr):
 
 
 def plot_schemes(tables, path):
-    fig, axes = plt.subplots(len(tables), 3, figsize=(15, 4 * len(tables)), squeeze=False)
-    for row, (schedule, entry) in zip(axes, tables.items()):
-        shade_stages_over_t(row[0], entry["snr"])
-        shade_stages_over_t(row[1], entry["snr"])
-        shade_stages(row[2])
-        for label, values in entry["schemes"].items():
-            row[0].plot(values["raw"], label=label)
-            row[1].plot(values["normalised"], label=label)
-            row[2].plot(entry["snr"], values["normalised"], label=label)
-        row[0].set(yscale="log", xlabel="t", ylabel="weight of the ε-MSE", title=f"{schedule}: raw")
-        row[1].set(yscale="log", xlabel="t", ylabel="weight / its mean over t", title=f"{schedule}: normalised")
-        row[2].set(xscale="log", yscale="log", xlabel="SNR(t)", ylabel="weight / its mean over t",
-                   title=f"{schedule}: normalised vs SNR")
-        row[2].set_xlim(entry["snr"].min(), entry["snr"].max())
-        for ax in row:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    plot_views(
+        {schedule: (entry["snr"], [(label, values["raw"], values["normalised"])
+                                   for label, values in entry["schemes"].items()])
+         for schedule, entry in tables.items()},
+        path, "weight of the ε-MSE", "weight / its mean over t", log_normalised=True,
+    )
 
 
 def write_scheme_numbers(tables, out_dir):
@@ -194,20 +181,37 @@ def plot_fig3(tables, path):
 
 
 def plot_fig_a(tables, path):
-    fig, axes = plt.subplots(len(tables), 3, figsize=(15, 4 * len(tables)), squeeze=False)
-    for row, (schedule, entry) in zip(axes, tables.items()):
+    plot_views(
+        {schedule: (entry["snr"], [(gamma_label(gamma), values["lambda"], values["lambda"] / values["lambda"].sum())
+                                   for gamma, values in entry["gammas"].items()])
+         for schedule, entry in tables.items()},
+        path, "λ'_t", "λ'_t / Σλ'", log_normalised=False,
+    )
+
+
+def plot_views(rows, path, ylabel, normalised_ylabel, log_normalised):
+    """One row of three panels per schedule: each curve raw against t, normalised against t, and normalised against
+    SNR, with the paper's stages shaded.
+
+    :param rows: {schedule: (snr [T], [(label, raw [T], normalised [T])])}.
+    """
+    fig, axes = plt.subplots(len(rows), 3, figsize=(15, 4 * len(rows)), squeeze=False)
+    yscale = "log" if log_normalised else "linear"
+    for row, (schedule, (snr, curves)) in zip(axes, rows.items()):
+        shade_stages_over_t(row[0], snr)
+        shade_stages_over_t(row[1], snr)
         shade_stages(row[2])
-        for gamma, values in entry["gammas"].items():
-            normalised = values["lambda"] / values["lambda"].sum()
-            row[0].plot(values["lambda"], label=gamma_label(gamma))
-            row[1].plot(normalised, label=gamma_label(gamma))
-            row[2].plot(entry["snr"], normalised, label=gamma_label(gamma))
-        row[0].set(yscale="log", xlabel="t", ylabel="λ'_t", title=f"{schedule}: unnormalised")
-        row[1].set(xlabel="t", ylabel="λ'_t / Σλ'", title=f"{schedule}: normalised")
-        row[2].set(xscale="log", xlabel="SNR(t)", ylabel="λ'_t / Σλ'", title=f"{schedule}: normalised vs SNR")
-        row[2].set_xlim(entry["snr"].min(), entry["snr"].max())
+        for label, raw, normalised in curves:
+            row[0].plot(raw, label=label)
+            row[1].plot(normalised, label=label)
+            row[2].plot(snr, normalised, label=label)
+        row[0].set(yscale="log", xlabel="t", ylabel=ylabel, title=f"{schedule}: raw")
+        row[1].set(yscale=yscale, xlabel="t", ylabel=normalised_ylabel, title=f"{schedule}: normalised")
+        row[2].set(xscale="log", yscale=yscale, xlabel="SNR(t)", ylabel=normalised_ylabel,
+                   title=f"{schedule}: normalised vs SNR")
+        row[2].set_xlim(snr.min(), snr.max())
         for ax in row:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
