@@ -6,9 +6,13 @@ import re
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import DDPMScheduler
 from helpers import assert_matches_printed, make_diffusion
+from sample_tiny_model import TINY_MODEL_FLAGS, save_tiny_checkpoint
 
+from guided_diffusion import model_loading
+from guided_diffusion.checkpoint import CONFIG_FILE, check_resume_config
 from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
 from guided_diffusion.resample import LossSecondMomentResampler, UniformSampler
 from guided_diffusion.script_util import (
@@ -18,6 +22,8 @@ from guided_diffusion.script_util import (
     diffusion_defaults,
     model_and_diffusion_defaults,
     parse_args,
+    sample_defaults,
+    train_flag_defaults,
 )
 from guided_diffusion.weighting import WEIGHTINGS, p2_lambda, vlb_lambda, weight_summary
 
@@ -286,3 +292,21 @@ def test_config_files_take_the_weighting_flags(tmp_path):
     config.write_text("weighting: sigmoid\nsigmoid_bias: high\n")
     with pytest.raises(ValueError, match="sigmoid_bias: 'high' is not a valid float"):
         parse_args(parser, ["--config", str(config)])
+
+
+WEIGHTING_FLAGS = ("weighting", "snr_gamma", "sigmoid_bias", "sigma_data", "normalize_weights")
+
+
+def test_a_config_saved_before_the_weighting_flags_loads_with_its_p2_weighting(tmp_path):
+    save_tiny_checkpoint(str(tmp_path / "ema_0.99_000010.pt"))
+    old = {k: v for k, v in {**train_flag_defaults(), **TINY_MODEL_FLAGS, "p2_gamma": 1.0}.items()
+           if k not in WEIGHTING_FLAGS}
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(old))
+    parser = model_loading.checkpoint_parser("test", sample_defaults())
+    args = model_loading.parse_checkpoint_args(parser, ["--model_path", str(tmp_path / "ema_0.99_000010.pt")])
+    _, diffusion, _ = model_loading.load_model_and_diffusion(args)
+    assert (diffusion.loss_weighting.name, diffusion.p2_gamma, diffusion.loss_weighting.normalize) == ("p2", 1.0, False)
+    np.testing.assert_array_equal(diffusion.loss_weight, diffusion.p2_weight)
+    # A resume with the defaults of the new flags is the run it was.
+    now = {**old, **{k: diffusion_defaults()[k] for k in WEIGHTING_FLAGS}}
+    assert check_resume_config(old, now, frozenset(), source="state000010.pt", step=10) == []
