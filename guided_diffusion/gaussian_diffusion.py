@@ -490,8 +490,9 @@ class GaussianDiffusion:
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
         """Per-sample training losses with the loss weighting (P2's Eq. (8) by default; docs/weightings.md).
 
-        The MSE term is multiplied by loss_weight[t] ((k + SNR_t)^-γ for P2); the VB term of a learned variance is never weighted, and it
-        sees the mean prediction detached so it trains only the variance channels (the hybrid loss of IDDPM).
+        The MSE term is multiplied by loss_weight[t] ((k + SNR_t)^-γ for P2); the VB term of a learned variance is
+        never weighted, and it sees the mean prediction detached so it trains only the variance channels (the hybrid
+        loss of IDDPM).
 
         :param model: callable (x_t [N, C, H, W], t [N]) -> [N, C or 2C, H, W].
         :param x_start: [N, C, H, W] data in [-1, 1].
