@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
+from .weighting import LossWeighting, p2_weights
 
 # SNR boundaries of the paper's three stages (Sec. 3.1): coarse < 1e-2 <= content <= 1 < clean-up.
 SNR_STAGE_BOUNDS = (1e-2, 1.0)
@@ -83,7 +84,7 @@ class LossType(enum.Enum):
 
 
 class GaussianDiffusion:
-    """A discrete-time Gaussian diffusion with T steps and P2 loss weighting.
+    """A discrete-time Gaussian diffusion with T steps and a loss weighting (P2 by default; docs/weightings.md).
 
     :param betas: [T] float64 noise schedule β_1..β_T.
     :param model_mean_type: a ModelMeanType.
@@ -92,6 +93,11 @@ class GaussianDiffusion:
     :param rescale_timesteps: feed t·1000/T to the model instead of t.
     :param p2_gamma: γ of Eq. (8); 0 gives the baseline weighting.
     :param p2_k: k of Eq. (8); must be > 0 when γ > 0.
+    :param weighting: the weight of the ε-MSE, one of weighting.WEIGHTINGS ("p2" uses p2_gamma and p2_k).
+    :param snr_gamma: γ of "min_snr".
+    :param sigmoid_bias: b of "sigmoid".
+    :param sigma_data: σ_data of "soft_min_snr" and "edm".
+    :param normalize_weights: rescale the weights to mean 1 over this diffusion's timesteps.
     :param alphas_cumprod: optional [T] ᾱ table that `betas` discretises; respacing passes the base process's
         values so that ᾱ and SNR of a respaced step are bit-identical to those of its original timestep.
     """
@@ -106,6 +112,11 @@ class GaussianDiffusion:
         rescale_timesteps=False,
         p2_gamma=0.0,
         p2_k=1.0,
+        weighting="p2",
+        snr_gamma=5.0,
+        sigmoid_bias=-3.0,
+        sigma_data=0.5,
+        normalize_weights=False,
         alphas_cumprod=None,
     ):
         self.model_mean_type = model_mean_type
@@ -114,7 +125,12 @@ class GaussianDiffusion:
         self.rescale_timesteps = rescale_timesteps
         self.p2_gamma = float(p2_gamma)
         self.p2_k = float(p2_k)
-        _check_p2_settings(self.p2_gamma, self.p2_k, loss_type)
+        self.loss_weighting = LossWeighting(
+            name=weighting, p2_gamma=self.p2_gamma, p2_k=self.p2_k, snr_gamma=float(snr_gamma),
+            sigmoid_bias=float(sigmoid_bias), sigma_data=float(sigma_data), normalize=bool(normalize_weights),
+        )
+        self.loss_weighting.check(kl_loss=loss_type == LossType.RESCALED_KL,
+                                  xstart_target=model_mean_type == ModelMeanType.START_X)
 
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0).all() and (betas < 1).all()):
@@ -147,9 +163,11 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
         # Eq. (4) and Eq. (8): SNR_t and the P2 factor λ'_t/λ_t = (k + SNR_t)^-γ, float64
-        # (docs/compatibility.md, "P2 weighting").
+        # (docs/compatibility.md, "P2 weighting"); loss_weight is the chosen scheme's factor of the ε-MSE, which
+        # with the default flags is p2_weight (docs/weightings.md).
         self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
-        self.p2_weight = (self.p2_k + self.snr) ** -self.p2_gamma
+        self.p2_weight = p2_weights(self.snr, self.p2_gamma, self.p2_k)
+        self.loss_weight, self.loss_weight_scale = self.loss_weighting.table(self.snr)
 
         # Derived tables used by the samplers, precomputed so that every lookup is a cached device table.
         self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
@@ -470,15 +488,16 @@ class GaussianDiffusion:
         return {"output": output, "pred_xstart": out["pred_xstart"]}
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
-        """Per-sample training losses with P2 weighting (Eq. (8); docs/compatibility.md, "P2 weighting").
+        """Per-sample training losses with the loss weighting (P2's Eq. (8) by default; docs/weightings.md).
 
-        The MSE term is multiplied by (k + SNR_t)^-γ; the VB term of a learned variance is never weighted, and it
-        sees the mean prediction detached so it trains only the variance channels (the hybrid loss of IDDPM).
+        The MSE term is multiplied by loss_weight[t] ((k + SNR_t)^-γ for P2); the VB term of a learned variance is
+        never weighted, and it sees the mean prediction detached so it trains only the variance channels (the hybrid
+        loss of IDDPM).
 
         :param model: callable (x_t [N, C, H, W], t [N]) -> [N, C or 2C, H, W].
         :param x_start: [N, C, H, W] data in [-1, 1].
         :param t: [N] integer timesteps.
-        :return: dict of [N] tensors: 'loss'; with MSE losses also 'mse' (P2-weighted), 'mse_raw' (unweighted)
+        :return: dict of [N] tensors: 'loss'; with MSE losses also 'mse' (weighted), 'mse_raw' (unweighted)
             and, for a learned variance, 'vb'.
         """
         model_kwargs = model_kwargs or {}
@@ -509,7 +528,7 @@ class GaussianDiffusion:
         if model_output.shape != target.shape:
             raise ValueError(f"model output shape {tuple(model_output.shape)} != target shape {tuple(target.shape)}")
         terms["mse_raw"] = mean_flat((target - model_output) ** 2)
-        terms["mse"] = self._extract("p2_weight", t, terms["mse_raw"].shape) * terms["mse_raw"]
+        terms["mse"] = self._extract("loss_weight", t, terms["mse_raw"].shape) * terms["mse_raw"]
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 
@@ -564,20 +583,3 @@ class GaussianDiffusion:
 def _last_sample(steps):
     """The 'sample' of the last dict a progressive sampling loop yields."""
     return collections.deque(steps, maxlen=1).pop()["sample"]
-
-
-def _check_p2_settings(p2_gamma, p2_k, loss_type):
-    """Reject P2 settings that the reference silently accepts (docs/compatibility.md, "Reference defects fixed
-    here", rows 14 and 20)."""
-    if not math.isfinite(p2_gamma) or p2_gamma < 0:
-        raise ValueError(f"--p2_gamma must be a finite number >= 0 (0 = baseline), got {p2_gamma}")
-    if p2_gamma > 0 and not p2_k > 0:
-        raise ValueError(
-            f"--p2_k must be > 0 when --p2_gamma > 0 (k <= 0 makes the weight explode at small SNR), got {p2_k}"
-        )
-    if p2_gamma > 0 and loss_type == LossType.RESCALED_KL:
-        raise ValueError(
-            f"--p2_gamma {p2_gamma} has no effect with --use_kl True: P2 weights the MSE term, which the KL loss "
-            "does not have; use --use_kl False (hybrid loss) or --p2_gamma 0"
-        )
-

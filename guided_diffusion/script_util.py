@@ -42,6 +42,11 @@ def diffusion_defaults():
         rescale_learned_sigmas=False,  # RESCALED_MSE: vb·T/1000 (identical at T = 1000)
         p2_gamma=0.0,                # γ of Eq. (8); 0 = the baseline weighting
         p2_k=1.0,                    # k of Eq. (8); must be > 0 when γ > 0
+        weighting="p2",              # ε-MSE weight: p2|min_snr|soft_min_snr|sigmoid|edm|constant (docs/weightings.md)
+        snr_gamma=5.0,               # γ of min_snr (Hang et al. 2023)
+        sigmoid_bias=-3.0,           # b of sigmoid, weight sigmoid(b - log SNR) (Kingma & Gao 2023)
+        sigma_data=0.5,              # σ_data of soft_min_snr and edm
+        normalize_weights=False,     # rescale the weights to mean 1 over the timesteps (the scale is logged)
     )
 
 
@@ -129,7 +134,7 @@ def train_flag_defaults():
 
 # image_train.py flags that may differ between a checkpoint's saved config and the run resuming it: where files go,
 # when to log, save, stop or evaluate, and how fast the same computation runs. Every other training flag changes
-# the maths of the run (the model, the diffusion and its P2 weighting, the optimizer, the batches, the precision,
+# the maths of the run (the model, the diffusion and its loss weighting, the optimizer, the batches, the precision,
 # the seeds) and must match on resume.
 RESUME_MAY_CHANGE = frozenset({
     "log_dir", "resume_checkpoint",                                  # where the run lives
@@ -275,6 +280,11 @@ def create_gaussian_diffusion(
     timestep_respacing="",
     p2_gamma=0.0,
     p2_k=1.0,
+    weighting="p2",
+    snr_gamma=5.0,
+    sigmoid_bias=-3.0,
+    sigma_data=0.5,
+    normalize_weights=False,
 ):
     """Build a (respaced) Gaussian diffusion from flag values, with the reference's precedence rules."""
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
@@ -299,6 +309,11 @@ def create_gaussian_diffusion(
         rescale_timesteps=rescale_timesteps,
         p2_gamma=p2_gamma,
         p2_k=p2_k,
+        weighting=weighting,
+        snr_gamma=snr_gamma,
+        sigmoid_bias=sigmoid_bias,
+        sigma_data=sigma_data,
+        normalize_weights=normalize_weights,
     )
 
 

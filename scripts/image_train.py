@@ -9,7 +9,8 @@ Flag values: the defaults of guided_diffusion/script_util.py (train_flag_default
 reference flag keeps its name and default (docs/compatibility.md, "Command-line flags"); --use_fp16 True means
 --precision fp16 (the weights stay fp32; the forward pass runs under autocast).
 Output (--log_dir, default runs/<date>_<time>/, or the resumed checkpoint's folder): config.yaml (the resolved
-flags; image_sample.py reads it), log.txt, progress.csv and the checkpoints described in
+flags; image_sample.py reads it), log.txt (it opens with the loss weighting: --weighting, its parameters and, with
+--normalize_weights True, the scale; docs/weightings.md), progress.csv and the checkpoints described in
 guided_diffusion/checkpoint.py. --resume_checkpoint takes a stateNNNNNN.pt, a modelNNNNNN.pt, a log dir, or
 `auto`: --log_dir's newest complete checkpoint if it has one, else a fresh start, so that a requeued job reruns the
 very same command. Checkpoints come every --save_interval steps, every --save_interval_minutes of wall-clock time
@@ -164,6 +165,7 @@ def build(args, held):
 
     seed_everything(args.seed)  # the same initial weights on every rank
     model, diffusion = create_model_and_diffusion(**{k: config[k] for k in model_and_diffusion_defaults()})
+    logger.info(diffusion.loss_weighting.describe(diffusion.loss_weight, diffusion.loss_weight_scale))
     apply_speed_options(model, compile=args.compile, channels_last=args.channels_last, fold_upsample="auto",
                         device=dist_util.dev(), batch_size=args.microbatch if args.microbatch > 0 else args.batch_size,
                         training=True, log=logger.info)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -132,6 +133,23 @@ def test_resume_with_another_model_config_names_the_flags(images, tmp_path):
     train(images, tmp_path, max_steps=2)
     with pytest.raises(SystemExit, match="--num_res_blocks 1 in the checkpoint vs 2 now"):
         train(images, tmp_path, max_steps=4, num_res_blocks=2, resume_checkpoint=str(tmp_path))
+
+
+def test_weighting_is_logged_saved_in_the_config_and_kept_on_resume(images, tmp_path):
+    train(images, tmp_path, max_steps=2, p2_gamma=0.0, weighting="min_snr", snr_gamma=2.0, normalize_weights=True)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert (config["weighting"], config["snr_gamma"], config["normalize_weights"]) == ("min_snr", 2.0, True)
+    diffusion = create_model_and_diffusion(**{k: config[k] for k in model_and_diffusion_defaults()})[1]
+    # T = 100, linear schedule: the mean of min(SNR, 2)/SNR over t is 1/scale.
+    scale = diffusion.loss_weight_scale
+    assert scale == pytest.approx(1 / np.mean(np.minimum(diffusion.snr, 2.0) / diffusion.snr), rel=1e-12)
+    assert f"loss weighting min_snr (snr_gamma 2) of the ε-MSE; normalised: raw weights x {scale:.6g}" in (
+        tmp_path / "log.txt").read_text()
+    with pytest.raises(SystemExit, match="--weighting 'min_snr' in the checkpoint vs 'sigmoid' now"):
+        train(images, tmp_path, max_steps=4, p2_gamma=0.0, weighting="sigmoid", snr_gamma=2.0,
+              normalize_weights=True, resume_checkpoint=str(tmp_path))
+    with pytest.raises(SystemExit, match="image_train.py: error: --weighting 'p3' is unknown; use one of p2, "):
+        train(images, tmp_path / "bad", weighting="p3")
 
 
 def test_reference_style_resume_from_model_file_continues_in_its_folder(images, tmp_path):
