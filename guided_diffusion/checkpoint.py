@@ -292,7 +292,7 @@ class ResumePoint:
         return os.path.dirname(os.path.abspath(self.source))
 
 
-def load_resume_point(path, ema_rates, config=None, may_change=frozenset()):
+def load_resume_point(path, ema_rates, config=None, may_change=frozenset(), defaults=None):
     """Find and read what `--resume_checkpoint path` names; every rank calls this.
 
     Every rank reads the files itself, with no collective (the reference's rank-0-only load hung multi-GPU runs:
@@ -304,6 +304,7 @@ def load_resume_point(path, ema_rates, config=None, may_change=frozenset()):
     :param config: the run's resolved flags; when given, they are checked against the checkpoint's (the state
         file's, or the config.yaml beside a reference-style file) with `check_resume_config`.
     :param may_change: names of the flags that may differ from the checkpoint's (see `check_resume_config`).
+    :param defaults: flag defaults for flags the checkpoint's config lacks (see `check_resume_config`).
     :raises ValueError: for files that do not say their step (ema_/opt files, renamed files), or a flag outside
         `may_change` that differs from the checkpoint's; UnreadableCheckpointError for a file torch cannot read.
     """
@@ -328,7 +329,8 @@ def load_resume_point(path, ema_rates, config=None, may_change=frozenset()):
         point = _resume_from_reference_files(loaded, path, ema_rates)
         saved_config = read_config(point.log_dir)
     if config is not None and saved_config is not None:
-        point.changed_flags = check_resume_config(saved_config, config, may_change, source=path, step=point.step)
+        point.changed_flags = check_resume_config(saved_config, config, may_change, source=path, step=point.step,
+                                                  defaults=defaults)
     return point
 
 
@@ -459,10 +461,12 @@ def _warn_ema_rates(path, ema_rates, found, unused):
         warnings.warn(f"{path}: EMA rate(s) {', '.join(unused)} not in --ema_rate are dropped", stacklevel=4)
 
 
-def check_resume_config(saved, current, may_change, source, step):
+def check_resume_config(saved, current, may_change, source, step, defaults=None):
     """Refuse a resume that changes the maths; return the allowed changes.
 
-    Flags present in only one of the configs (added or removed since the checkpoint) are not compared.
+    A flag the checkpoint's config lacks (added since it was written) is compared through its default in `defaults`,
+    which is what the code that wrote the checkpoint did; flags without a default there, and flags removed since,
+    are not compared.
 
     :param saved: the checkpoint's resolved flags {flag: value}.
     :param current: the resumed run's resolved flags.
@@ -470,9 +474,11 @@ def check_resume_config(saved, current, may_change, source, step):
         every other flag changes what is trained, so a resume with another value would silently switch the
         objective mid-run.
     :param source, step: the checkpoint file and its step, for the message.
+    :param defaults: {flag: default value} of the resuming script, for flags the checkpoint's config lacks.
     :return: [(flag, saved value, current value)] of the flags in `may_change` that differ, in name order.
     :raises ValueError: naming every other differing flag with both values, and what to do.
     """
+    saved = {**{key: value for key, value in (defaults or {}).items() if key in current}, **saved}
     changed = [(key, saved[key], current[key]) for key in sorted(saved.keys() & current.keys())
                if saved[key] != current[key]]
     forbidden = [f"--{key} {old!r} in the checkpoint vs {new!r} now" for key, old, new in changed

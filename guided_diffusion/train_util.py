@@ -37,7 +37,7 @@ from .gaussian_diffusion import SNR_STAGE_NAMES, snr_stage
 from .logger import Logger
 from .precision import PRECISIONS, autocast_for
 from .resample import LossAwareSampler, UniformSampler
-from .script_util import RESUME_MAY_CHANGE
+from .script_util import RESUME_MAY_CHANGE, train_flag_defaults
 from .state_dict_check import load_state_dict_checked
 
 INITIAL_LG_LOSS_SCALE = 20.0  # the reference's starting log2 loss scale
@@ -177,7 +177,8 @@ class TrainLoop:
         resume = None
         if resume_checkpoint:
             resume = checkpoint.load_resume_point(
-                resume_checkpoint, self.ema_rates, config=self.config or None, may_change=resume_may_change
+                resume_checkpoint, self.ema_rates, config=self.config or None, may_change=resume_may_change,
+                defaults=train_flag_defaults(),
             )
             load_state_dict_checked(self.model, resume.model, resume.source)
         self.step = resume.step if resume else 0

@@ -309,4 +309,9 @@ def test_a_config_saved_before_the_weighting_flags_loads_with_its_p2_weighting(t
     np.testing.assert_array_equal(diffusion.loss_weight, diffusion.p2_weight)
     # A resume with the defaults of the new flags is the run it was.
     now = {**old, **{k: diffusion_defaults()[k] for k in WEIGHTING_FLAGS}}
-    assert check_resume_config(old, now, frozenset(), source="state000010.pt", step=10) == []
+    defaults = train_flag_defaults()
+    assert check_resume_config(old, now, frozenset(), source="state000010.pt", step=10, defaults=defaults) == []
+    # ... and one with another weighting is refused, though the old config never named one.
+    with pytest.raises(ValueError, match="--weighting 'p2' in the checkpoint vs 'min_snr' now"):
+        check_resume_config(old, {**now, "weighting": "min_snr", "p2_gamma": 0.0}, frozenset(),
+                            source="state000010.pt", step=10, defaults=defaults)
