@@ -21,11 +21,12 @@ PEAK_LIMIT_MB = 200
 # Reads every image of the zip argv[2] the way argv[1] says, then prints the growth of the peak resident memory (MB)
 # over the peak before reading, and the warnings that were given.
 READER = """
-import resource, sys, warnings
+import importlib.util, resource, sys, warnings
 mode, archive = sys.argv[1], sys.argv[2]
 from guided_diffusion import image_datasets
-sys.path.insert(0, sys.argv[3])
-import prepare
+spec = importlib.util.spec_from_file_location("prepare", sys.argv[3])
+prepare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(prepare)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -75,7 +76,8 @@ def bomb_zip(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["train", "prepare"])
 def test_bombs_are_skipped_before_they_are_decompressed(bomb_zip, tmp_path, mode):
     result = subprocess.run(
-        [sys.executable, "-c", READER, mode, str(bomb_zip), os.path.join(ROOT, "datasets"), str(tmp_path / "out")],
+        [sys.executable, "-c", READER, mode, str(bomb_zip), os.path.join(ROOT, "datasets", "prepare.py"),
+         str(tmp_path / "out")],
         env=clean_env(), capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
