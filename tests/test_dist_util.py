@@ -47,6 +47,7 @@ def test_plain_process_needs_no_group_and_no_mpi():
 
 
 def test_launcher_variables_give_rank_and_world_size(monkeypatch):
+    monkeypatch.setattr(dist_util, "_local_rank", None)  # as in a process that has not run setup_dist
     for name in list(os.environ):
         if name in ("RANK", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_RANK") or \
                 name.startswith("SLURM_"):
