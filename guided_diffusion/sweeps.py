@@ -9,6 +9,25 @@ from .fileio import write_csv, write_json, write_text
 from .sampling import generate_batch, sample_to_folder
 
 
+def flag_defaults(num_samples):
+    """The flags every sweep script takes, with their defaults: the checkpoint, the outputs, the sampling run shared by
+    all configurations (a schedule or a sampler at a budget) and the scoring, as scripts/evaluate.py scores."""
+    return dict(
+        model_path="",               # checkpoint (U-Net state_dict: ema_*.pt, model*.pt)
+        out_dir="",                  # folder for the samples, table and figure (required)
+        reference="",                # reference images or statistics for FID/KID (see scripts/evaluate.py; required)
+        num_samples=num_samples,     # samples per configuration
+        batch_size=16,               # samples per forward pass
+        clip_denoised=True,
+        seed=0,                      # the same for every configuration
+        precision="fp32",            # fp32, or bf16 / fp16 autocast of the network
+        metrics="fid,kid",
+        mode="clean",                # clean-fid preprocessing mode
+        inception_path="",           # clean-fid's inception-2015-12-05.pt (offline machines)
+        cache_dir=evaluation.DEFAULT_CACHE_DIR,  # reference statistics cache
+    )
+
+
 def sample_and_score(model, diffusion, identity, options, sample_dir, args, network, device):
     """Sample args.num_samples images into `sample_dir` (resuming) and score them against args.reference.
 

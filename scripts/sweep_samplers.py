@@ -21,7 +21,7 @@ FID and KID are clean-fid's against --reference (see scripts/evaluate.py; --ince
 import copy
 import os
 
-from guided_diffusion import dist_util, evaluation, inception, sweeps
+from guided_diffusion import dist_util, inception, sweeps
 from guided_diffusion.analysis import AnalysisError
 from guided_diffusion.cli import script_main
 from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args
@@ -36,20 +36,7 @@ DEFAULT_NFE = [5, 10, 15, 20, 25, 50]
 
 
 def sweep_defaults():
-    return dict(
-        model_path="",               # checkpoint (U-Net state_dict: ema_*.pt, model*.pt)
-        out_dir="",                  # folder for the samples, table and figure (required)
-        reference="",                # reference images or statistics for FID/KID (see scripts/evaluate.py; required)
-        num_samples=1000,            # samples per configuration
-        batch_size=16,               # samples per forward pass
-        clip_denoised=True,
-        seed=0,                      # the same for every configuration
-        precision="fp32",            # fp32, or bf16 / fp16 autocast of the network
-        metrics="fid,kid",
-        mode="clean",                # clean-fid preprocessing mode
-        inception_path="",           # clean-fid's inception-2015-12-05.pt (offline machines)
-        cache_dir=evaluation.DEFAULT_CACHE_DIR,  # reference statistics cache
-    )
+    return sweeps.flag_defaults(num_samples=1000)
 
 
 def parse_args(argv=None):

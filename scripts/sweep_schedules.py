@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from guided_diffusion import dist_util, evaluation, inception, sweeps  # noqa: E402
+from guided_diffusion import dist_util, inception, sweeps  # noqa: E402
 from guided_diffusion.plotting import save_figure  # noqa: E402
 from guided_diffusion.analysis import AnalysisError  # noqa: E402
 from guided_diffusion.cli import script_main  # noqa: E402
@@ -36,20 +36,9 @@ TABLE_COLUMNS = ("schedule", "sampler", "steps", "network_evaluations_per_image"
 
 def sweep_defaults():
     return dict(
-        model_path="",               # checkpoint (U-Net state_dict: ema_*.pt, model*.pt)
-        out_dir="",                  # folder for the samples, table and figure (required)
-        reference="",                # reference images or statistics for FID/KID (see scripts/evaluate.py; required)
-        num_samples=10000,           # samples per schedule (paper: 10k)
-        batch_size=16,               # samples per forward pass
+        sweeps.flag_defaults(num_samples=10000),  # the paper's 10k samples per schedule
         use_ddim=False,              # DDIM over each schedule's steps instead of ancestral sampling
         ddim_eta=0.0,
-        clip_denoised=True,
-        seed=0,                      # the same for every schedule
-        precision="fp32",            # fp32, or bf16 / fp16 autocast of the network
-        metrics="fid,kid",
-        mode="clean",                # clean-fid preprocessing mode
-        inception_path="",           # clean-fid's inception-2015-12-05.pt (offline machines)
-        cache_dir=evaluation.DEFAULT_CACHE_DIR,  # reference statistics cache
     )
 
 
