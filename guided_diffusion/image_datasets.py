@@ -355,7 +355,7 @@ class FolderSource:
 
     def read(self, name):
         with bf.BlobFile(name, "rb") as f:
-            return read_capped(f, name)
+            return read_capped(f)
 
 
 class ZipSource:
@@ -388,7 +388,7 @@ class ZipSource:
         if declared > MAX_IMAGE_BYTES:
             raise UnreadableImageError(_too_large(f"it declares {declared} bytes, more"))
         with self._archive.open(name) as f:
-            return read_capped(f, name)
+            return read_capped(f)
 
     def __getstate__(self):
         return {**self.__dict__, "_archive": None, "_archive_pid": None}
@@ -414,7 +414,7 @@ class UnreadableImageError(ValueError):
     """A file with an image extension that Pillow cannot decode (corrupt, truncated or not an image)."""
 
 
-def read_capped(file, name):
+def read_capped(file):
     """The bytes of an open image file, reading at most MAX_IMAGE_BYTES + 1 of them (a zip member may lie about
     its size); UnreadableImageError when there are more."""
     data = file.read(MAX_IMAGE_BYTES + 1)
