@@ -2,7 +2,7 @@ r"""Generate samples from a checkpoint into an npz (ADM evaluator), a PNG folder
 
     python scripts/image_sample.py --model_path runs/ffhq/ema_0.9999_100000.pt --timestep_respacing 250 \
         --num_samples 50000 --batch_size 32
-    mpiexec -n 8 python scripts/image_sample.py ...      (or torchrun --nproc_per_node 8 ...)
+    mpiexec -n 8 python -m mpi4py scripts/image_sample.py ...   (or torchrun --nproc_per_node 8 ...)
 
 Where flag values come from, later winning:
   1. the defaults of guided_diffusion/script_util.py (sample_defaults and model_and_diffusion_defaults);
