@@ -1,5 +1,5 @@
 """Few-step samplers for the trained ε-models: DPM-Solver++(2M), its SDE variant (Lu et al. 2022) and EDM's Heun
-sampler (Karras et al. 2022, Algorithm 1, deterministic).
+sampler (Karras et al. 2022: Algorithm 1, deterministic; with churn, Algorithm 2).
 
 Noise levels. A diffusion's discrete table ᾱ_j (j = 0 .. N'-1; a respaced diffusion keeps N' of the T trained steps)
 gives σ_j = √((1 - ᾱ_j) / ᾱ_j), increasing in j. Between two table entries log σ is interpolated linearly in j, so
@@ -17,11 +17,19 @@ x_T ~ N(0, I) the ancestral and DDIM samplers start from, and end at σ = 0, whe
 x̃ - σ·ε̂ (ε̂: the first C output channels of a learned-variance model), or the network's x̂_0 for --predict_xstart,
 clamped to [-1, 1] with clip_denoised.
 
-Network evaluations per sample: N for DPM-Solver++(2M) and its SDE variant, 2N - 1 for Heun (its last step, to
-σ = 0, is an Euler step).
+Churn (EDM Algorithm 2, HeunChurn): before step i, from σ_i, Heun first raises the noise to σ̂ = σ_i·(1 + γ_i),
+γ_i = min(S_churn/N, √2 - 1) where S_tmin ≤ σ_i ≤ S_tmax (else 0), by adding √(σ̂² - σ_i²)·S_noise·z to x̃, and then
+takes its step from σ̂ to σ_{i+1}. σ̂ lies between the table's levels, so the network gets its fractional timestep like
+any other σ; above the table's top σ̂ is lowered to σ_max (the network has no timestep beyond T - 1; EDM likewise
+rounds σ̂ to the levels its networks support), so the first step, at σ_max, adds no noise. With S_churn > 0 one z is
+drawn per step (also where γ_i = 0, as EDM's reference code does); S_churn = 0 is Algorithm 1 and draws nothing.
+
+Network evaluations per sample: N for DPM-Solver++(2M) and its SDE variant, 2N - 1 for Heun with or without churn
+(its last step, to σ = 0, is an Euler step).
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,6 +48,44 @@ def network_evaluations(sampler, steps):
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
     return 2 * steps - 1 if sampler == "heun" else steps
+
+
+@dataclass(frozen=True)
+class HeunChurn:
+    """EDM Algorithm 2's noise increase of --sampler heun; churn = 0 (the default) is Algorithm 1.
+
+    :param churn: S_churn, the total increase spread over the steps (γ_i = min(S_churn/N, √2 - 1)).
+    :param s_tmin, s_tmax: the σ range whose steps are churned (σ as in x̃ = x_0 + σ·ε, the same as EDM's).
+    :param s_noise: S_noise, the scale of the added noise (slightly above 1 offsets the denoiser's loss of detail).
+    """
+
+    churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
+
+    def __post_init__(self):
+        if not self.churn >= 0:
+            raise ValueError(f"--heun_churn {self.churn:g} must be >= 0 (0 = deterministic, EDM Algorithm 1)")
+        if not self.s_noise > 0:
+            raise ValueError(f"--heun_s_noise {self.s_noise:g} must be > 0")
+        if not 0 <= self.s_tmin <= self.s_tmax:
+            raise ValueError(f"--heun_s_tmin {self.s_tmin:g} and --heun_s_tmax {self.s_tmax:g} must satisfy "
+                             "0 <= S_tmin <= S_tmax")
+
+    def raised_sigma(self, sigma, steps, sigma_max):
+        """σ̂ of a step from `sigma` in a run of `steps` noise levels, at most the table's top `sigma_max`."""
+        if not self.churn or not self.s_tmin <= sigma <= self.s_tmax:
+            return sigma
+        return min(sigma * (1.0 + min(self.churn / steps, math.sqrt(2.0) - 1.0)), sigma_max)
+
+    def identity(self):
+        """The fields as run.json records them (an infinite S_tmax as "inf", which JSON has no number for)."""
+        return {"churn": self.churn, "s_tmin": self.s_tmin, "s_noise": self.s_noise,
+                "s_tmax": self.s_tmax if math.isfinite(self.s_tmax) else "inf"}
+
+
+NO_CHURN = HeunChurn()
 
 
 class NoiseLevels:
@@ -132,23 +178,27 @@ def sample_loop_progressive(
     clip_denoised=True,
     model_kwargs=None,
     noise_fn=None,
+    heun_churn=NO_CHURN,
 ):
     """Run `sampler` from x_T = `noise`; yields {"sample": x at the step's σ, "sigma", "pred_xstart"} per step.
 
     :param noise: [B, C, H, W] x_T ~ N(0, I); the solver computes in its dtype.
     :param step_schedule: one of STEP_SCHEDULES; None = DEFAULT_STEP_SCHEDULE[sampler].
-    :param noise_fn: callable x -> standard normal noise like x, for the SDE sampler (default torch.randn_like);
-        called once per step except the last; per-sample generators plug in here.
+    :param noise_fn: callable x -> standard normal noise like x (default torch.randn_like), for the SDE sampler
+        (called once per step except the last) and Heun with churn (once per step); per-sample generators plug in here.
+    :param heun_churn: HeunChurn of the heun sampler; the default (no churn) is the only one other samplers take.
     """
     network_evaluations(sampler, steps)  # checks the name
+    if heun_churn.churn and sampler != "heun":
+        raise ValueError(f"--heun_churn {heun_churn.churn:g} is for --sampler heun, not {sampler}")
     denoise = Denoiser(model, diffusion, clip_denoised, model_kwargs)
     sigmas = step_sigmas(denoise.levels, steps, step_schedule or DEFAULT_STEP_SCHEDULE[sampler])
     start = noise * math.sqrt(1.0 + sigmas[0] ** 2)
+    noise_fn = noise_fn or torch.randn_like
     if sampler == "heun":
-        steps = _heun_steps(denoise, sigmas, start)
+        steps = _heun_steps(denoise, sigmas, start, heun_churn, noise_fn)
     else:
-        steps = _dpm_solver_steps(denoise, sigmas, start, (noise_fn or torch.randn_like) if sampler == "dpm++2m_sde"
-                                  else None)
+        steps = _dpm_solver_steps(denoise, sigmas, start, noise_fn if sampler == "dpm++2m_sde" else None)
     for sigma, x_tilde, pred_xstart in steps:
         yield {"sample": x_tilde / math.sqrt(1.0 + sigma**2), "sigma": sigma, "pred_xstart": pred_xstart}
 
@@ -191,11 +241,17 @@ def _dpm_solver_steps(denoise, sigmas, x_tilde, noise_fn):
         yield sigma_next, x_tilde, pred_xstart
 
 
-def _heun_steps(denoise, sigmas, x_tilde):
-    """EDM Algorithm 1 on x̃ (s(t) = 1, σ(t) = t): Euler with slope d = (x̃ - D)/σ, then the trapezoidal
-    correction with the slope at the new point, except on the last step, to σ = 0."""
-    for i in range(len(sigmas) - 1):
+def _heun_steps(denoise, sigmas, x_tilde, churn, noise_fn):
+    """EDM Algorithm 2 on x̃ (s(t) = 1, σ(t) = t), Algorithm 1 without churn: raise the noise from σ to σ̂ (module
+    docstring), then Euler from σ̂ with slope d = (x̃ - D)/σ̂ and the trapezoidal correction with the slope at the new
+    point, except on the last step, to σ = 0."""
+    steps = len(sigmas) - 1
+    for i in range(steps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        if churn.churn:
+            raised = churn.raised_sigma(sigma, steps, denoise.levels.sigma_max)
+            x_tilde = x_tilde + math.sqrt(raised**2 - sigma**2) * churn.s_noise * noise_fn(x_tilde)
+            sigma = raised
         pred_xstart = denoise(x_tilde, sigma)
         slope = (x_tilde - pred_xstart) / sigma
         euler = x_tilde + (sigma_next - sigma) * slope

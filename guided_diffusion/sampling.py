@@ -69,6 +69,7 @@ class SamplingOptions:
     sampler: str = ""            # "" = ancestral or DDIM (use_ddim) over the respaced steps, else ode_samplers.SAMPLERS
     steps: int = 0               # noise levels of an ode_samplers sampler (0 with "")
     step_schedule: str = ""      # their placement: ode_samplers.STEP_SCHEDULES; "" = the sampler's default
+    heun_churn: ode_samplers.HeunChurn = ode_samplers.NO_CHURN  # EDM Algorithm 2's churn of heun (none by default)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -81,14 +82,20 @@ class SamplingOptions:
             ode_samplers.network_evaluations(self.sampler, self.steps)  # checks the name
             if self.steps < 1 or self.use_ddim:
                 raise SamplingArgumentError(f"--sampler {self.sampler} needs --steps >= 1 and no --use_ddim")
+        if self.heun_churn.churn and self.sampler != "heun":
+            raise SamplingArgumentError(f"--heun_churn {self.heun_churn.churn:g} needs --sampler heun")
 
     def identity(self):
-        """The options as they determine the pixels; the few-step fields only when such a sampler runs, so folders
-        of the ancestral and DDIM samplers keep the identity they always had."""
+        """The options as they determine the pixels; the few-step fields only when such a sampler runs and the churn
+        only when non-zero, so folders made before these options existed keep the identity they always had."""
         fields = asdict(self)
         if not self.sampler:
             for key in ("sampler", "steps", "step_schedule"):
                 del fields[key]
+        if self.heun_churn.churn:
+            fields["heun_churn"] = self.heun_churn.identity()
+        else:
+            del fields["heun_churn"]
         return fields
 
     def network_evaluations(self, diffusion):
@@ -168,7 +175,7 @@ def generate_batch(model, diffusion, indices, options, device):
         samples = ode_samplers.sample_loop(
             network, diffusion, options.sampler, options.steps, loop_kwargs["noise"],
             step_schedule=options.step_schedule or None, clip_denoised=options.clip_denoised,
-            model_kwargs=model_kwargs, noise_fn=generator.randn_like,
+            model_kwargs=model_kwargs, noise_fn=generator.randn_like, heun_churn=options.heun_churn,
         )
     elif options.use_ddim:
         samples = diffusion.ddim_sample_loop(network, shape, eta=options.ddim_eta, **loop_kwargs)

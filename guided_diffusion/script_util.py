@@ -163,6 +163,10 @@ def sample_defaults():
         sampler="",                  # ancestral|ddim|dpm++2m|dpm++2m_sde|heun; "" = ddim with --use_ddim, else ancestral
         steps=0,                     # noise levels of dpm++2m* and heun; 0 = 20 (dpm++2m, dpm++2m_sde), 10 (heun)
         step_schedule="",            # time|logsnr|karras for those; "" = logsnr (dpm++2m), karras (dpm++2m_sde, heun)
+        heun_churn=0.0,              # heun's S_churn (EDM Algorithm 2); 0 = deterministic (Algorithm 1)
+        heun_s_tmin=0.0,             # with churn: churn only steps whose σ lies in [S_tmin, S_tmax]
+        heun_s_tmax=float("inf"),
+        heun_s_noise=1.0,            # with churn: scale of the added noise
         clip_denoised=True,          # clamp x̂₀ to [-1, 1] at every step
         seed=0,                      # sample i depends only on (seed, i), not on batch size or ranks
         precision="fp32",            # fp32, or bf16 / fp16 autocast of the network

@@ -20,6 +20,11 @@ layout, the quantiser and the seeding are described in guided_diffusion/sampling
 Samplers (--sampler): ancestral (the default) and ddim (also --use_ddim True) step through --timestep_respacing;
 dpm++2m, dpm++2m_sde and heun take --steps and --step_schedule instead (guided_diffusion/ode_samplers.py):
     python scripts/image_sample.py --model_path ema.pt --sampler dpm++2m --steps 20
+heun is deterministic (EDM Algorithm 1) unless --heun_churn S_churn > 0 turns on EDM Algorithm 2, which adds fresh
+noise before each step whose σ lies in [--heun_s_tmin, --heun_s_tmax], scaled by --heun_s_noise; e.g. the settings
+EDM used for its ImageNet-64 ADM-architecture model (256 steps):
+    python scripts/image_sample.py --model_path ema.pt --sampler heun --steps 256 --heun_churn 40 \
+        --heun_s_tmin 0.05 --heun_s_tmax 50 --heun_s_noise 1.003
 """
 
 import os
@@ -28,6 +33,7 @@ from guided_diffusion import dist_util
 from guided_diffusion.cli import script_main
 from guided_diffusion.fileio import check_output_dir
 from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args
+from guided_diffusion.ode_samplers import HeunChurn
 from guided_diffusion.sampler_flags import resolve_sampler, sampler_label
 from guided_diffusion.sampling import SamplingOptions, sample_to_folder
 from guided_diffusion.script_util import sample_defaults
@@ -41,7 +47,8 @@ def parse_args(argv=None):
 
 def default_sample_dir(args, sampler):
     """samples_<checkpoint>_<schedule>[_ddim|_ancestral][_eta..][_seed..][_precision][_use_fp16] beside the checkpoint;
-    a few-step sampler names itself, its steps and step schedule instead of the respacing (samples_ema_heun10_karras).
+    a few-step sampler names itself, its steps and step schedule instead of the respacing (samples_ema_heun10_karras),
+    and heun its churn when there is one (samples_ema_heun10_karras_churn40).
 
     Only the usual variations are named; any other change is caught by the folder's run.json check.
     :param sampler: resolve_sampler's fields.
@@ -53,6 +60,8 @@ def default_sample_dir(args, sampler):
     spacing = args.timestep_respacing.replace(",", "-") or str(args.diffusion_steps)
     if sampler["sampler"]:
         spacing = f"{sampler['sampler']}{sampler['steps']}_{sampler['step_schedule']}"
+        if sampler["heun_churn"].churn:
+            spacing += f"_churn{sampler['heun_churn'].churn:g}"
     parts = [f"samples_{stem}", spacing]
     if use_ddim and not spacing.startswith("ddim"):
         parts.append("ddim")
@@ -86,8 +95,9 @@ def sample_with_flags(argv):
         raise ValueError("--model_path is required: the checkpoint to sample from (e.g. ema_0.9999_100000.pt)")
     if rank == 0 and args.config:
         print(f"flags from {args.config}, without its training options (command-line flags override)", flush=True)
+    churn = HeunChurn(args.heun_churn, args.heun_s_tmin, args.heun_s_tmax, args.heun_s_noise)
     sampler = resolve_sampler(args.sampler, args.steps, args.step_schedule, args.use_ddim, args.ddim_eta,
-                              args.timestep_respacing)
+                              args.timestep_respacing, heun_churn=churn)
     sample_dir = args.sample_dir or default_sample_dir(args, sampler)
     check_output_dir(sample_dir, "--sample_dir")  # before the model is loaded and any sample is made
     model, diffusion, identity = load_model_and_diffusion(args)

@@ -301,6 +301,7 @@ def test_each_sampler_writes_the_usual_files_and_records_itself(tmp_path, sample
     with open(os.path.join(folder, "run.json")) as f:
         run = json.load(f)
     assert run["network_evaluations_per_sample"] == evaluations
+    assert "heun_churn" not in run["identity"]  # recorded only when non-zero: older folders resume
     if few_step:
         assert {k: run["identity"][k] for k in ("sampler", "steps", "step_schedule", "use_ddim")} == dict(
             sampler=sampler, steps=steps, step_schedule=schedule, use_ddim=False)
@@ -320,9 +321,29 @@ def test_rerun_with_another_sampler_or_step_count_is_refused(checkpoint, tmp_pat
         assert change in str(exit_info.value.code)
 
 
+def test_heun_churn_names_the_folder_is_recorded_and_must_match_on_rerun(checkpoint):
+    flags = ["--num_samples", "1", "--sampler", "heun", "--steps", "2"]
+    result = sample(checkpoint, *flags, "--heun_churn", "40", "--heun_s_noise", "1.003", timestep_respacing="")
+    folder = os.path.dirname(result.npz_path)
+    assert os.path.basename(folder) == "samples_ema_0.9999_000010_heun2_karras_churn40"
+    assert result.evaluations_per_sample == 3
+    with open(os.path.join(folder, "run.json")) as f:
+        assert json.load(f)["identity"]["heun_churn"] == {"churn": 40, "s_tmin": 0, "s_tmax": "inf", "s_noise": 1.003}
+    with pytest.raises(SystemExit) as exit_info:
+        sample(checkpoint, *flags, "--sample_dir", folder, timestep_respacing="")
+    assert "heun_churn: folder has {'churn': 40.0, " in str(exit_info.value.code)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
+        (["--sampler", "dpm++2m", "--heun_churn", "40"], "--sampler dpm++2m and --heun_churn 40 do not go together"),
+        (["--heun_churn", "40"], "--sampler ancestral and --heun_churn 40 do not go together"),
+        (["--sampler", "heun", "--heun_s_noise", "1.003", "--heun_s_tmax", "50"],
+         "--heun_s_tmax 50, --heun_s_noise 1.003 without --heun_churn > 0 would change nothing"),
+        (["--sampler", "heun", "--heun_churn", "-1"], "--heun_churn -1 must be >= 0"),
+        (["--sampler", "heun", "--heun_churn", "40", "--heun_s_tmin", "60", "--heun_s_tmax", "50"],
+         "--heun_s_tmin 60 and --heun_s_tmax 50 must satisfy 0 <= S_tmin <= S_tmax"),
         (["--sampler", "heun", "--use_ddim", "True"], "--sampler heun and --use_ddim True contradict each other"),
         (["--sampler", "ancestral", "--use_ddim", "True"], "--sampler ancestral and --use_ddim True contradict"),
         (["--steps", "5"], "--sampler ancestral and --steps 5 do not go together"),

@@ -1,5 +1,5 @@
 """Few-step samplers (guided_diffusion/ode_samplers.py) on a closed-form ε-model, against diffusers'
-DPMSolverMultistepScheduler and against EDM's Algorithm 1 written out here; exact network-evaluation counts;
+DPMSolverMultistepScheduler and against EDM's Algorithms 1 and 2 written out here; exact network-evaluation counts;
 per-seed noise that does not depend on the batch."""
 
 import math
@@ -16,6 +16,7 @@ from guided_diffusion.analysis import CountingNetwork
 from guided_diffusion.ode_samplers import (
     SAMPLERS,
     STEP_SCHEDULES,
+    HeunChurn,
     NoiseLevels,
     network_evaluations,
     sample_loop,
@@ -138,51 +139,94 @@ def test_dpm_solver_equals_diffusers_on_the_same_model_schedule_and_x_T(sampler,
     assert (result - expected).abs().max() < 1e-4
 
 
-def edm_algorithm_1(denoiser, sigmas, x_T):
-    """Karras et al. 2022, Algorithm 1, as printed (s(t) = 1, σ(t) = t): x_0 ~ N(0, t_0²) is given as x_T·√(1 + t_0²)
-    for the VP prior; returns x_N."""
+def edm_algorithm_2(denoiser, sigmas, x_T, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, noises=None):
+    """Karras et al. 2022, Algorithm 2, as printed (s(t) = 1, σ(t) = t; S_churn = 0 is Algorithm 1): x_0 ~ N(0, t_0²)
+    is given as x_T·√(1 + t_0²) for the VP prior, ε_i ~ N(0, S_noise²·I) as S_noise·noises[i]; t̂_i is kept at most
+    t_0, the largest σ the network has a timestep for. Returns x_N."""
+    n = len(sigmas) - 1
     x = x_T * math.sqrt(1 + sigmas[0] ** 2)
-    for i in range(len(sigmas) - 1):
+    for i in range(n):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
-        d_cur = (x - denoiser(x, t_cur)) / t_cur
-        x_next = x + (t_next - t_cur) * d_cur
+        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= t_cur <= s_tmax else 0.0
+        t_hat = min(t_cur + gamma * t_cur, sigmas[0])
+        x_hat = x if noises is None else x + math.sqrt(t_hat**2 - t_cur**2) * s_noise * noises[i]
+        d_cur = (x_hat - denoiser(x_hat, t_hat)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
         if t_next != 0:
             d_prime = (x_next - denoiser(x_next, t_next)) / t_next
-            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
         x = x_next
     return x
+
+
+def edm_denoiser(model, diffusion):
+    """D(x̃; σ) = x̃ - σ·ε(x̃·α, t(σ)), t(σ) the fractional index of σ in the diffusion's log σ table."""
+    log_sigmas = log_sigma_table(diffusion)
+
+    def denoiser(x_tilde, sigma):
+        timestep = np.interp(math.log(sigma), log_sigmas, np.arange(len(log_sigmas)))
+        t = torch.full((x_tilde.shape[0],), timestep, dtype=x_tilde.dtype)
+        return x_tilde - sigma * model(x_tilde / math.sqrt(1 + sigma**2), t)[:, :3]
+
+    return denoiser
+
+
+def karras_sigmas(diffusion, steps, rho=7):
+    """EDM's step discretisation between the diffusion's own σ_max and σ_min, then 0."""
+    log_sigmas = log_sigma_table(diffusion)
+    sigma_min, sigma_max = math.exp(log_sigmas[0]), math.exp(log_sigmas[-1])
+    return [(sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+            for i in range(steps)] + [0.0]
+
+
+def no_noise(x):
+    raise AssertionError("deterministic Heun drew noise")
 
 
 def test_heun_equals_edm_algorithm_1_on_karras_steps():
     unet, diffusion = tiny_model_and_diffusion(learn_sigma=True, diffusion_steps=1000)
     model = GaussianDataEps(diffusion, extra=perturb_(unet).eval())
-    log_sigmas = log_sigma_table(diffusion)
-
-    def denoiser(x_tilde, sigma):  # D(x̃; σ) = x̃ - σ·ε(x̃·α, t(σ))
-        timestep = np.interp(math.log(sigma), log_sigmas, np.arange(len(log_sigmas)))
-        eps = model(x_tilde / math.sqrt(1 + sigma**2), torch.full((x_tilde.shape[0],), timestep))[:, :3]
-        return x_tilde - sigma * eps
-
-    steps, rho = 6, 7
-    sigma_min, sigma_max = math.exp(log_sigmas[0]), math.exp(log_sigmas[-1])
-    sigmas = [(sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-              for i in range(steps)] + [0.0]
+    steps = 6
     x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        expected = edm_algorithm_1(denoiser, sigmas, x_T)
-        result = sample_loop(model, diffusion, "heun", steps, x_T, step_schedule="karras", clip_denoised=False)
+        expected = edm_algorithm_2(edm_denoiser(model, diffusion), karras_sigmas(diffusion, steps), x_T)
+        result = sample_loop(model, diffusion, "heun", steps, x_T, step_schedule="karras", clip_denoised=False,
+                             noise_fn=no_noise)
     assert 1 < expected.abs().max() < 10
     assert (result - expected).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
-def test_network_evaluations_are_exact(sampler):
-    """Counted network calls per image: the steps for DPM-Solver++, two per step except the last for Heun."""
+@pytest.mark.parametrize("churn", [
+    HeunChurn(churn=1.2, s_tmin=0.05, s_tmax=50.0, s_noise=1.003),  # γ = 0.2 on σ = 13, 2.4, 0.26; not 157, 51, 0.01
+    HeunChurn(churn=10.0, s_noise=1.007),  # γ capped at √2 - 1 on every step; at σ_max, σ̂ is kept at σ_max
+])
+def test_heun_with_churn_equals_edm_algorithm_2_with_the_same_noise(linear_1000, churn):
+    """Float64 on the exact Gaussian-data ε model of the 1000-step linear schedule (σ from 157 down to 0.01)."""
+    model, steps = GaussianDataEps(linear_1000), 6
+    generator = torch.Generator().manual_seed(3)
+    x_T = torch.randn(2, 3, 8, 8, generator=generator, dtype=torch.float64)
+    noises = [torch.randn(2, 3, 8, 8, generator=generator, dtype=torch.float64) for _ in range(steps)]
+    expected = edm_algorithm_2(edm_denoiser(model, linear_1000), karras_sigmas(linear_1000, steps), x_T,
+                               churn.churn, churn.s_tmin, churn.s_tmax, churn.s_noise, noises)
+    drawn = iter(noises)
+    result = sample_loop(model, linear_1000, "heun", steps, x_T, step_schedule="karras", clip_denoised=False,
+                         noise_fn=lambda x: next(drawn), heun_churn=churn)
+    assert next(drawn, None) is None, "one draw per step"
+    deterministic = sample_loop(model, linear_1000, "heun", steps, x_T, step_schedule="karras", clip_denoised=False)
+    assert (expected - deterministic).abs().max() > 0.05, "the churn should change the samples"
+    assert (result - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("sampler, churn", [(sampler, HeunChurn()) for sampler in SAMPLERS] +
+                         [("heun", HeunChurn(churn=1.0))])
+def test_network_evaluations_are_exact(sampler, churn):
+    """Counted network calls per image: the steps for DPM-Solver++, two per step except the last for Heun (also with
+    churn)."""
     unet, diffusion = tiny_model_and_diffusion()
     for steps in (1, 2, 5):
         counting = CountingNetwork(unet.eval())
         with torch.inference_mode():
-            sample_loop(counting, diffusion, sampler, steps, torch.randn(3, 3, 16, 16))
+            sample_loop(counting, diffusion, sampler, steps, torch.randn(3, 3, 16, 16), heun_churn=churn)
         assert counting.rows / 3 == network_evaluations(sampler, steps)
         assert network_evaluations(sampler, steps) == (2 * steps - 1 if sampler == "heun" else steps)
 
@@ -233,6 +277,14 @@ def test_bad_names_and_step_counts_are_refused(linear_1000):
         step_sigmas(NoiseLevels(linear_1000), 10, "cosine")
     with pytest.raises(ValueError, match="--steps 0 must be >= 1"):
         step_sigmas(NoiseLevels(linear_1000), 0, "time")
+    with pytest.raises(ValueError, match="--heun_churn 40 is for --sampler heun, not dpm"):
+        sample_loop(GaussianDataEps(linear_1000), linear_1000, "dpm++2m", 3, torch.randn(1, 3, 4, 4),
+                    heun_churn=HeunChurn(churn=40))
+    for churn, message in ((lambda: HeunChurn(churn=-1), "--heun_churn -1 must be >= 0"),
+                           (lambda: HeunChurn(churn=1, s_noise=0), "--heun_s_noise 0 must be > 0"),
+                           (lambda: HeunChurn(churn=1, s_tmin=2, s_tmax=1), "--heun_s_tmin 2 and --heun_s_tmax 1 must")):
+        with pytest.raises(ValueError, match=message):
+            churn()
 
 
 @pytest.fixture(scope="module")
@@ -241,10 +293,15 @@ def tiny_class_cond():
     return perturb_(model).eval(), diffusion
 
 
-def test_sde_samples_are_reproducible_per_seed_across_batch_sizes(tiny_class_cond):
-    """Class-conditional, SDE: sample i depends only on (seed, i), whether drawn in batches of 1, 3 or 4."""
+@pytest.mark.parametrize("stochastic, deterministic", [
+    ({"sampler": "dpm++2m_sde"}, {"sampler": "dpm++2m"}),
+    ({"sampler": "heun", "heun_churn": HeunChurn(churn=2.0)}, {"sampler": "heun"}),
+])
+def test_stochastic_samples_are_reproducible_per_seed_across_batch_sizes(tiny_class_cond, stochastic, deterministic):
+    """Class-conditional, SDE or Heun with churn: sample i depends only on (seed, i), whether drawn in batches of 1, 3
+    or 4."""
     model, diffusion = tiny_class_cond
-    options = SamplingOptions(image_size=16, class_cond=True, seed=5, sampler="dpm++2m_sde", steps=4)
+    options = SamplingOptions(image_size=16, class_cond=True, seed=5, steps=4, **stochastic)
 
     def samples(batches):
         results = [generate_batch(model, diffusion, indices, options, "cpu") for indices in batches]
@@ -258,5 +315,5 @@ def test_sde_samples_are_reproducible_per_seed_across_batch_sizes(tiny_class_con
         # The network is not bitwise batch-invariant (guided_diffusion/sampling.py): a pixel may move one level.
         difference = np.abs(images.astype(int) - whole.astype(int))
         assert difference.max() <= 1 and (difference > 0).mean() < 1e-2
-    ode = SamplingOptions(image_size=16, class_cond=True, seed=5, sampler="dpm++2m", steps=4)
-    assert (generate_batch(model, diffusion, [0, 1, 2, 3], ode, "cpu")[0] != whole).mean() > 0.2, "SDE adds noise"
+    ode = SamplingOptions(image_size=16, class_cond=True, seed=5, steps=4, **deterministic)
+    assert (generate_batch(model, diffusion, [0, 1, 2, 3], ode, "cpu")[0] != whole).mean() > 0.2, "noise is added"
