@@ -333,6 +333,8 @@ class ZipSource:
     def __init__(self, path):
         self.path = path
         self._archive, self._archive_pid = None, None
+        if not _is_regular_file(path):  # opening a FIFO named *.zip would wait for a writer for ever
+            raise ValueError(f"{path!r} is not a regular file (a FIFO, socket or device): pass a folder or a .zip file")
         try:
             with zipfile.ZipFile(path) as archive:
                 members = archive.namelist()

@@ -4,11 +4,15 @@
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import test_zip_bombs
 from launchers import TESTS_DIR, clean_env
+from test_prepare import PREPARE_PATH
 from test_zip_bombs import BOMB_BYTES, PEAK_LIMIT_MB
+
+from guided_diffusion import image_datasets
 
 PEAK_MEMORY = os.path.join(TESTS_DIR, "dist_scripts", "peak_memory.py")
 bomb_zip = test_zip_bombs.bomb_zip   # a fixture of that module, used here by name
@@ -26,3 +30,42 @@ def test_bombs_read_in_a_decoding_worker_are_skipped_within_the_memory_budget(bo
     assert float(grown) < PEAK_LIMIT_MB, result.stdout
     assert [line.split(" | ")[0] for line in skipped] == ["bomb.png", "huge_header.png"], result.stdout
     assert f"it declares {BOMB_BYTES} bytes" in skipped[0]
+
+
+def run_or_unblock(function, timeout, unblock):
+    """function()'s result or exception, from a daemon thread; a failure if it still runs after `timeout` seconds
+    (then `unblock()` frees the thread)."""
+    outcome = {}
+
+    def call():
+        try:
+            outcome["result"] = function()
+        except ValueError as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        unblock()
+        pytest.fail(f"still waiting after {timeout} s")
+    return outcome
+
+
+def _open_fifo_for_writing(path):
+    # A reader waiting in open() on a FIFO returns once a writer opens it; closing it then ends the file.
+    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_a_fifo_named_like_a_zip_is_refused_without_waiting(tmp_path):
+    fifo = tmp_path / "set.zip"
+    os.mkfifo(fifo)
+    outcome = run_or_unblock(lambda: image_datasets.open_image_source(str(fifo)), timeout=30,
+                             unblock=lambda: _open_fifo_for_writing(fifo))
+    assert isinstance(outcome.get("error"), ValueError) and "is not a regular file" in str(outcome["error"])
+    # datasets/prepare.py lists with the same code: one line, exit code 1.
+    done = subprocess.run([sys.executable, PREPARE_PATH, "--source", str(fifo), "--dest", str(tmp_path / "out")],
+                          env=clean_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"prepare.py: error: {str(fifo)!r} is not a regular file (a FIFO, socket or " \
+                                  "device): pass a folder or a .zip file"
