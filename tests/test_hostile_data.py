@@ -9,8 +9,9 @@ import threading
 import pytest
 import test_zip_bombs
 from launchers import TESTS_DIR, clean_env
-from test_prepare import PREPARE_PATH
+from test_prepare import PREPARE_PATH, prepare
 from test_zip_bombs import BOMB_BYTES, PEAK_LIMIT_MB
+from train_fixtures import make_image_folder
 
 from guided_diffusion import image_datasets
 
@@ -69,3 +70,14 @@ def test_a_fifo_named_like_a_zip_is_refused_without_waiting(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip() == f"prepare.py: error: {str(fifo)!r} is not a regular file (a FIFO, socket or " \
                                   "device): pass a folder or a .zip file"
+
+
+def test_a_size_whose_images_training_would_skip_is_refused_before_any_work(tmp_path):
+    make_image_folder(str(tmp_path / "raw"), count=1)
+    side = int(image_datasets.MAX_IMAGE_PIXELS**0.5) + 1   # 7072 x 7072 px: over the loader's pixel limit
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(["--source", str(tmp_path / "raw"), "--dest", str(tmp_path / "out"), "--size", str(side),
+                      "--workers", "0"])
+    assert str(exit_info.value) == (f"prepare.py: error: --size {side} must be a positive number of pixels, at most "
+                                    f"{side - 1} (image_datasets.MAX_IMAGE_PIXELS)")
+    assert not (tmp_path / "out").exists()
