@@ -2,21 +2,25 @@
 --size whose output training could not read, and bad reference images counted at every in-training evaluation."""
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
 
 import pytest
+import test_train_eval
 import test_zip_bombs
 from launchers import TESTS_DIR, clean_env
 from test_prepare import PREPARE_PATH, prepare
-from test_zip_bombs import BOMB_BYTES, PEAK_LIMIT_MB
-from train_fixtures import make_image_folder
+from test_train_eval import eval_flags
+from test_zip_bombs import BOMB_BYTES, PEAK_LIMIT_MB, huge_png_header
+from train_fixtures import make_image_folder, read_progress, train
 
 from guided_diffusion import image_datasets
 
 PEAK_MEMORY = os.path.join(TESTS_DIR, "dist_scripts", "peak_memory.py")
-bomb_zip = test_zip_bombs.bomb_zip   # a fixture of that module, used here by name
+bomb_zip = test_zip_bombs.bomb_zip   # fixtures of those modules, used here by name
+standin = test_train_eval.standin
 
 
 @pytest.mark.slow
@@ -81,3 +85,14 @@ def test_a_size_whose_images_training_would_skip_is_refused_before_any_work(tmp_
     assert str(exit_info.value) == (f"prepare.py: error: --size {side} must be a positive number of pixels, at most "
                                     f"{side - 1} (image_datasets.MAX_IMAGE_PIXELS)")
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_reference_images_are_counted_in_the_progress_rows_of_every_evaluation(images, standin, tmp_path):
+    """The second evaluation reads the reference statistics from the cache; its row counts the skipped images too."""
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    (data / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (data / "oversized.png").write_bytes(huge_png_header())
+    train(str(data), tmp_path / "run", max_steps=4, **eval_flags(standin, tmp_path / "cache"))
+    rows = [row for row in read_progress(tmp_path / "run") if "fid" in row]
+    assert [(row["step"], row["eval_reference_unreadable"]) for row in rows] == [(2, 2), (4, 2)]
