@@ -23,6 +23,7 @@ from tqdm import tqdm
 from guided_diffusion import fileio
 from guided_diffusion.cli import OneLineArgumentParser, script_main
 from guided_diffusion.image_datasets import (
+    MAX_IMAGE_PIXELS,
     FolderSource,
     ImageSetWriter,
     UnreadableImageError,
@@ -74,8 +75,10 @@ def prepare_dataset(source_path, dest, size, workers):
 
     :return: (number of images written, {skipped file name: error}).
     """
-    if size <= 0:
-        raise ValueError(f"--size {size} must be a positive number of pixels")
+    if size <= 0 or size * size > MAX_IMAGE_PIXELS:
+        # A larger output could not be read back: the training loader skips images of more pixels.
+        raise ValueError(f"--size {size} must be a positive number of pixels, at most {int(MAX_IMAGE_PIXELS**0.5)} "
+                         "(image_datasets.MAX_IMAGE_PIXELS)")
     if not source_path:
         raise ValueError("--source is required: a folder or .zip of images")
     if workers < 0:

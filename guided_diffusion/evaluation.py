@@ -3,7 +3,8 @@
 Images come from a sample npz (`arr_0`, uint8 [N, H, W, 3], the ADM/P2 format), a folder or zip of image files, or
 an in-memory uint8 array [N, H, W, 3]. A folder or zip is listed and decoded by the training data loader's code
 (image_datasets.open_image_source, decode_image), so FID against --data_dir scores the images training sees; an
-unreadable image is skipped with a warning that counts them. All images then go through clean-fid's own
+unreadable image is skipped with a warning that counts them, and the results count them again at every evaluation,
+also from the cache (num_reference_unreadable). All images then go through clean-fid's own
 preprocessing (`ResizeDataset`, `build_resizer(mode)`) and `get_batch_features`; the distances are clean-fid's
 `frechet_distance` and `kernel_distance`. The feature network comes from inception.load_feature_network.
 
@@ -227,6 +228,14 @@ def open_folder_or_zip(path):
         return open_image_source(os.fspath(path))
     except (ValueError, FileNotFoundError) as err:
         raise EvaluationError(f"{path}: {err}") from None
+
+
+def unreadable_count(source, kind, num_readable):
+    """How many listed images of a folder or zip reference were skipped as unreadable: listed minus the
+    `num_readable` its statistics were computed from (also when they come from the cache). None for other kinds."""
+    if kind not in ("folder", "zip") or num_readable is None:
+        return None
+    return len(open_folder_or_zip(source).names) - num_readable
 
 
 def image_source_kind(source):
@@ -515,6 +524,7 @@ def evaluate(
         kid_x1e3=None,
         num_samples=len(sample_features),
         num_reference=reference_stats.num_images,
+        num_reference_unreadable=unreadable_count(reference, info["reference_kind"], reference_stats.num_images),
         mode=network.mode,
         feature_network=network.name,
         feature_network_sha256=network.sha256,

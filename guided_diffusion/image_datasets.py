@@ -369,6 +369,8 @@ class ZipSource:
         """:param name: how errors name the path (see open_image_source)."""
         self.path = path
         self._archive, self._archive_pid = None, None
+        if not _is_regular_file(path):  # opening a FIFO named *.zip would wait for a writer for ever
+            raise ValueError(f"{path!r} is not a regular file (a FIFO, socket or device): pass a folder or a .zip file")
         try:
             with zipfile.ZipFile(path) as archive:
                 members = archive.namelist()

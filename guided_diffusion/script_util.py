@@ -8,6 +8,7 @@ keeps its name and default (docs/compatibility.md, "Command-line flags") except 
 
 import argparse
 import os
+import re
 import sys
 
 import yaml
@@ -384,9 +385,11 @@ def build_parser(defaults, description):
 def parse_args(parser, argv=None, config_fallback=None, ignored_keys=frozenset()):
     """Parse `argv` (default sys.argv[1:]) in the order defaults -> YAML config -> command-line flags.
 
-    Every key of the config must be a flag of `parser` (or in `ignored_keys`); its value goes through the flag's
-    own type conversion and choices, so `batch_size: 2.7` fails as `--batch_size 2.7` does. Positional arguments
-    come from the command line only.
+    Every key of the config must be a flag of `parser` (or in `ignored_keys`); its value is read as the text it is
+    written with (`read_config_file`) and goes through the flag's own type conversion and choices, so every value
+    follows the command line's rules: `batch_size: 2.7` fails as `--batch_size 2.7` does, `use_fp16: on` fails as
+    `--use_fp16 on` does, and `data_dir: true` is the folder "true". Positional arguments come from the command
+    line only.
 
     :param parser: an ArgumentParser with a `--config` flag (build_parser makes one).
     :param config_fallback: callable(args parsed without a config) -> path or None: the config to read when
@@ -416,8 +419,22 @@ def parse_args(parser, argv=None, config_fallback=None, ignored_keys=frozenset()
     return args
 
 
+class _TextLoader(yaml.SafeLoader):
+    """A YAML loader that keeps every scalar as the text it is written with; only a plain null (`~`, `null` or
+    nothing) becomes None. YAML's own typing (1.1: `on` -> True, `0x10` -> 16, `1:30` -> 90) is left out, so that a
+    value is converted by its flag's type exactly as the same text on the command line is."""
+
+
+_TextLoader.yaml_implicit_resolvers = {}   # SafeLoader's resolvers (bool, int, float, timestamp, ...) left out
+_TextLoader.add_implicit_resolver("tag:yaml.org,2002:null", re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""])
+YAML_SPECIAL_FLOATS = {".inf": "inf", "+.inf": "inf", "-.inf": "-inf", ".nan": "nan"}   # how yaml.safe_dump writes them
+
+
 def read_config_file(path):
-    """The flag values of a YAML config: a flat mapping, after those of its `base:` file (chains allowed)."""
+    """The flag values of a YAML config: a flat mapping, after those of its `base:` file (chains allowed).
+
+    Values are texts (lists of texts, None for a null), as `_TextLoader` reads them.
+    """
     return _read_config_chain(os.path.abspath(path), ())
 
 
@@ -440,7 +457,7 @@ def _read_yaml_mapping(path, extending):
         raise FileNotFoundError(f"config file {path!r} does not exist{named_by}")
     with open(path) as f:
         try:
-            values = yaml.safe_load(f) or {}
+            values = yaml.load(f, Loader=_TextLoader) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"config file {path!r} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(values, dict):
@@ -461,6 +478,8 @@ def _convert(action, value, path):
         texts = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
     else:
         texts = [",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)]
+    if action.type is float:
+        texts = [YAML_SPECIAL_FLOATS.get(text.lower(), text) for text in texts]
     try:
         converted = [action.type(text) if action.type is not None else text for text in texts]
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:

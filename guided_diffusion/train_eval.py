@@ -59,8 +59,9 @@ class TrainingEvaluator:
         self.network = inception.load_feature_network(mode, inception_path or None, device) if rank == 0 else None
 
     def __call__(self, model):
-        """Scores of `model` (eval mode, on the device): {"fid", "kid", "kid_x1e3", "eval_samples"} on rank 0,
-        None on other ranks. Every rank must call it."""
+        """Scores of `model` (eval mode, on the device): {"fid", "kid", "kid_x1e3", "eval_samples"} on rank 0, and
+        "eval_reference_unreadable" (reference images skipped as unreadable) for a folder or zip reference; None on
+        other ranks. Every rank must call it."""
         images = self._generate(model)
         if self.world_size > 1:
             gathered = [None] * self.world_size if self.rank == 0 else None
@@ -77,6 +78,8 @@ class TrainingEvaluator:
             device=self.device,
         )
         scores = {key: results[key] for key in ("fid", "kid", "kid_x1e3") if results[key] is not None}
+        if results["num_reference_unreadable"] is not None:
+            scores["eval_reference_unreadable"] = results["num_reference_unreadable"]
         return {**scores, "eval_samples": self.num_samples}
 
     def _generate(self, model):

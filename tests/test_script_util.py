@@ -4,6 +4,7 @@
 import argparse
 
 import pytest
+import yaml
 
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion import script_util as su
@@ -125,10 +126,10 @@ def test_config_unknown_key_named(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ("num_channels: many", "num_channels: 'many' is not a valid int"),
-    ("num_channels: 2.7", "num_channels: 2.7 is not a valid int"),   # not truncated to 2, as --num_channels 2.7
-    ("num_channels: true", "num_channels: True is not a valid int"),
+    ("num_channels: 2.7", "num_channels: '2.7' is not a valid int"),   # not truncated to 2, as --num_channels 2.7
+    ("num_channels: true", "num_channels: 'true' is not a valid int"),
     ("learn_sigma: maybe", "learn_sigma: 'maybe' is not a valid str2bool"),
-    ("p2_gamma: [1, 2]", "p2_gamma: \\[1, 2\\] is not a valid float"),
+    ("p2_gamma: [1, 2]", "p2_gamma: \\['1', '2'\\] is not a valid float"),
     ("dropout:", "dropout has no value"),
     ("image_size: {a: 1}", "image_size holds a mapping"),
 ])
@@ -141,6 +142,44 @@ def test_config_values_go_through_the_flag_types(tmp_path, line, message):
     if flag == "num_channels" and value in ("many", "2.7"):
         with pytest.raises(SystemExit):  # argparse refuses the same text on the command line
             _parse([f"--{flag}", value])
+
+
+# (flag, text): the text as a YAML value and as a command-line token must give the same value, or both be refused.
+# YAML 1.1 alone would read 0x10 and 1:30 as ints, on as a bool, 0.99990 as 0.9999 and true as a bool.
+SAME_AS_THE_COMMAND_LINE = [
+    ("batch_size", "2.7"), ("batch_size", "0x10"), ("batch_size", "1:30"), ("batch_size", "true"),
+    ("batch_size", "1_000"), ("batch_size", "12"),
+    ("use_fp16", "on"), ("use_fp16", "yes"), ("use_fp16", "True"), ("use_fp16", "1"), ("use_fp16", "2"),
+    ("lr", "1e-4"), ("lr", "3"), ("lr", "true"), ("lr", "inf"),
+    ("data_dir", "true"), ("data_dir", "0x10"), ("data_dir", "2021-01-01"), ("data_dir", "0.10"),
+    ("ema_rate", "0.99990"), ("ema_rate", "0.9999,0.99"),
+]
+
+
+@pytest.mark.parametrize("flag, text", SAME_AS_THE_COMMAND_LINE)
+def test_config_values_follow_the_command_line_rules(tmp_path, capsys, flag, text):
+    defaults = {**su.model_and_diffusion_defaults(), **su.train_defaults()}
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{flag}: {text}\n")
+    try:
+        from_command_line = getattr(_parse([f"--{flag}", text], defaults), flag)
+    except SystemExit:
+        assert f"--{flag}" in capsys.readouterr().err   # argparse's refusal names the flag
+        with pytest.raises(ValueError, match=f"c.yaml'?: {flag}: '{text}' is not a valid"):
+            _parse(["--config", str(config)], defaults)
+        return
+    from_config = getattr(_parse(["--config", str(config)], defaults), flag)
+    assert from_config == from_command_line and type(from_config) is type(from_command_line)
+
+
+def test_saved_configs_read_back_with_their_types(tmp_path):
+    # image_sample.py reads the config.yaml that training saved (yaml.safe_dump) through the same rules.
+    saved = {"lr": 1e-5, "save_interval_minutes": float("inf"), "use_fp16": True, "ema_rate": "0.9999",
+             "data_dir": "", "resume_checkpoint": "", "batch_size": 8}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(saved))
+    args = _parse(["--config", str(config)], {**su.model_and_diffusion_defaults(), **su.train_defaults()})
+    assert {key: getattr(args, key) for key in saved} == saved
 
 
 def test_config_choices_and_list_flags_convert_like_the_command_line(tmp_path):
@@ -173,7 +212,7 @@ def test_base_chain_resolves_relative_to_each_file_and_later_files_win(tmp_path)
     (tmp_path / "sub" / "middle.yaml").write_text("base: ../root.yaml\np2_gamma: 0.5\n")
     (tmp_path / "sub" / "leaf.yaml").write_text("base: middle.yaml\ndropout: 0.0\n")
     leaf = str(tmp_path / "sub" / "leaf.yaml")
-    assert su.read_config_file(leaf) == {"num_channels": 32, "p2_gamma": 0.5, "dropout": 0.0}
+    assert su.read_config_file(leaf) == {"num_channels": "32", "p2_gamma": "0.5", "dropout": "0.0"}   # texts
     args = _parse(["--config", leaf, "--p2_gamma", "2"])
     assert (args.num_channels, args.p2_gamma, args.dropout) == (32, 2.0, 0.0)
 
