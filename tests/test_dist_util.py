@@ -7,9 +7,11 @@ Launching on clusters: docs/clusters.md.
 
 import json
 import os
+import pathlib
 import pickle
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +31,8 @@ LAUNCH_TIMEOUT_S = 120
 # How long a launch whose ranks must end by themselves may take, start-up included: far below any --dist_timeout the
 # launches use unless they set a short one, so a rank that waited for a dead peer until the timeout fails the test.
 ENDS_WITHIN_S = 90
+# A run that only a fault ends: no checkpoint on the way, so one the fault failed to end cannot fill the disk.
+UNTIL_A_FAULT = {"max_steps": 10000, "save_interval": 10000}
 
 
 def test_plain_process_needs_no_group_and_no_mpi():
@@ -46,17 +50,21 @@ def test_plain_process_needs_no_group_and_no_mpi():
     assert result.stdout.split() == ["(0,", "1)", "False", "False", "cpu"]
 
 
+def _launch_env(monkeypatch, **variables):
+    """This process's environment without any launcher's variables (those clean_env drops), plus `variables`."""
+    for name in os.environ.keys() - clean_env().keys():
+        monkeypatch.delenv(name)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
 def test_launcher_variables_give_rank_and_world_size(monkeypatch):
     monkeypatch.setattr(dist_util, "_local_rank", None)  # as in a process that has not run setup_dist
-    for name in list(os.environ):
-        if name in ("RANK", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_RANK") or \
-                name.startswith("SLURM_"):
-            monkeypatch.delenv(name)
+    _launch_env(monkeypatch)
     assert dist_util.rank_and_world_size() == (0, 1)
     monkeypatch.setenv("PMI_SIZE", "1")  # mpiexec -n 1 is a plain process
     assert dist_util.rank_and_world_size() == (0, 1)
-    for name, value in dict(SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_LOCALID="1", SLURM_STEP_ID="0").items():
-        monkeypatch.setenv(name, value)
+    _launch_env(monkeypatch, SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_LOCALID="1", SLURM_STEP_ID="0")
     assert dist_util.rank_and_world_size() == (1, 2) and dist_util.local_rank() == 1
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "3")
@@ -102,16 +110,31 @@ def test_clean_env_drops_slurm_and_takes_overrides(monkeypatch):
     assert "SLURM_PROCID" not in env and env["CUDA_VISIBLE_DEVICES"] == "1" and env["OMP_NUM_THREADS"] == "2"
 
 
+def test_a_taken_slurm_port_is_named_with_the_fix(monkeypatch):
+    """Rank 0 of an srun step whose port another job holds: one LaunchError naming the port and MASTER_PORT."""
+    monkeypatch.setattr(dist_util, "_local_rank", dist_util._local_rank)  # setup_dist sets it before failing
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        _launch_env(monkeypatch, SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0", SLURM_STEP_ID="0",
+                    SLURM_JOB_ID="1", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port))
+        with pytest.raises(dist_util.LaunchError, match=rf"^rank 0 could not serve the rendezvous store on port {port} "
+                           r"\(Slurm; .*\); another job on this node may use the port: set MASTER_PORT to a free one$"):
+            dist_util.setup_dist(timeout_minutes=0.05)
+
+
 def test_dist_timeout_must_be_positive(images, tmp_path):
     import image_train
 
+    # max_steps: without the check the run would train (and save) until stopped.
     with pytest.raises(SystemExit, match="image_train.py: error: --dist_timeout must be a positive number of minutes"):
-        image_train.main(train_argv(images, str(tmp_path), dist_timeout=0))
+        image_train.main(train_argv(images, str(tmp_path), dist_timeout=0, max_steps=1))
 
 
 def _assert_identical_ranks(results, out_dir, run_dir, launcher, steps):
     assert [r.returncode for r in results] == [0] * len(results), [r.stderr[-3000:] for r in results]
-    reports = [json.load(open(os.path.join(out_dir, f"rank{rank}.json"))) for rank in range(2)]
+    reports = [json.loads(pathlib.Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [(r["world_size"], r["step"]) for r in reports] == [(2, steps)] * 2
     assert reports[0]["model"] == reports[1]["model"] and reports[0]["ema"] == reports[1]["ema"]
     return [line for line in open(os.path.join(run_dir, "log.txt")) if line.startswith("process group: ")]
@@ -154,7 +177,7 @@ def test_a_peer_that_never_arrives_ends_the_start_with_one_line(images, tmp_path
     """An srun step of 2 tasks where only one started: it stops after --dist_timeout with one line on stderr."""
     env = slurm_env(present, 2, free_slurm_job_id())
     command = [sys.executable, IMAGE_TRAIN, *train_argv(images, str(tmp_path), dist_timeout=0.05)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1
     port = 15000 + int(env["SLURM_JOB_ID"]) % 20000
     assert re.fullmatch(
@@ -167,7 +190,7 @@ def test_a_peer_that_never_arrives_ends_the_start_with_one_line(images, tmp_path
 def test_when_a_rank_dies_or_hangs_the_other_ends_within_the_timeout(images, tmp_path, fate):
     """srun (simulated), gloo: rank 1 stops after step 2 and is SIGKILLed or left hanging; rank 0 must not wait for
     ever: a killed peer fails its next collective at once, a hung one at --dist_timeout (0.2 min)."""
-    flags = train_argv(images, str(tmp_path / "run"), max_steps=10000, dist_timeout=0.2)
+    flags = train_argv(images, str(tmp_path / "run"), dist_timeout=0.2, **UNTIL_A_FAULT)
     hung = tmp_path / "hung_rank1"
     with start("slurm", TRAIN_FAULTY, str(tmp_path), "hang:1:2", *flags) as launch:
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
@@ -198,7 +221,7 @@ def test_when_a_rank_dies_or_hangs_the_other_ends_within_the_timeout(images, tmp
 def test_a_rank_that_raises_ends_every_rank(images, tmp_path, launcher, fault):
     """One rank raises after step 2 under the default --dist_timeout (30 min): every process still ends, non-zero,
     within ENDS_WITHIN_S (start-up included), because the failing rank's error path ends the job."""
-    flags = train_argv(images, str(tmp_path / "run"), max_steps=10000)
+    flags = train_argv(images, str(tmp_path / "run"), **UNTIL_A_FAULT)
     with start(launcher, TRAIN_FAULTY, str(tmp_path), fault, *flags) as launch:
         results = launch.wait(ENDS_WITHIN_S)
     assert all(r.returncode not in (None, 0) for r in results), [(r.returncode, r.stderr[-2000:]) for r in results]

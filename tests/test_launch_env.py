@@ -50,8 +50,8 @@ def test_malformed_nodelists_name_the_variable(nodelist, problem):
     assert problem in str(error.value)
 
 
-STEP = dict(SLURM_PROCID="1", SLURM_NTASKS="4", SLURM_LOCALID="1", SLURM_STEP_ID="0", SLURM_JOB_ID="123456",
-            SLURM_JOB_NODELIST="gpu[07-08]")
+STEP = {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "123456",
+        "SLURM_JOB_NODELIST": "gpu[07-08]"}
 
 
 def test_slurm_rendezvous_is_the_first_host_on_a_port_from_the_job_id():
@@ -81,9 +81,9 @@ def test_slurm_rendezvous_errors_name_the_variable(environ, message):
         slurm_address(environ)
 
 
-TORCHRUN_VARS = dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="h", MASTER_PORT="29500")
-SALLOC_SHELL = dict(SLURM_JOB_ID="99", SLURM_NTASKS="4", SLURM_JOB_NODELIST="n[1-2]", SLURM_NODELIST="n[1-2]")
-BATCH_SCRIPT = dict(SALLOC_SHELL, SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0")  # no SLURM_STEP_ID
+TORCHRUN_VARS = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}
+SALLOC_SHELL = {"SLURM_JOB_ID": "99", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NODELIST": "n[1-2]"}
+BATCH_SCRIPT = {**SALLOC_SHELL, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # no SLURM_STEP_ID
 
 
 @pytest.mark.parametrize("environ, launch", [

@@ -113,7 +113,7 @@ class Launch:
         """:param commands: [(argv, env)] to start."""
         self.processes, self._files = [], []
         for argv, env in commands:
-            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in __exit__)
             self._files.append((out, err))
             self.processes.append(subprocess.Popen(argv, env=env, stdout=out, stderr=err, text=True,
                                                    start_new_session=True))

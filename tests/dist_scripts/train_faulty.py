@@ -48,8 +48,8 @@ def main():
     inject(out_dir, fault)
     loop = image_train.main(flags)
     rank, world_size = dist_util.rank_and_world_size()
-    report = dict(world_size=world_size, step=loop.step, model=state_dict_fingerprint(loop.model.state_dict()),
-                  ema=state_dict_fingerprint(loop.ema_params))
+    report = {"world_size": world_size, "step": loop.step, "model": state_dict_fingerprint(loop.model.state_dict()),
+              "ema": state_dict_fingerprint(loop.ema_params)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
 
