@@ -26,6 +26,7 @@ from train_fixtures import ROOT, train_argv
 
 DIST_CHECK = os.path.join(os.path.dirname(__file__), "dist_scripts", "dist_check.py")
 TRAIN_FAULTY = os.path.join(os.path.dirname(__file__), "dist_scripts", "train_faulty.py")
+RANK_RAISES_IN_MPI_WAIT = os.path.join(os.path.dirname(__file__), "dist_scripts", "rank_raises_in_mpi_wait.py")
 IMAGE_TRAIN = os.path.join(ROOT, "scripts", "image_train.py")
 LAUNCH_TIMEOUT_S = 120
 # How long a launch whose ranks must end by themselves may take, start-up included: far below any --dist_timeout the
@@ -233,3 +234,13 @@ def test_a_rank_that_raises_ends_every_rank(images, tmp_path, launcher, fault):
         assert re.search(rf"image_train.py: error: injected user error on rank {rank} at step 2$", stderr, re.MULTILINE), \
             stderr[-3000:]
         assert launcher != "slurm" or "Traceback" not in stderr, stderr[-3000:]
+
+
+@requires_mpiexec
+def test_an_mpi_rank_that_raises_aborts_a_rank_waiting_in_mpi():
+    """Rank 1 raises while rank 0 waits in an MPI barrier, under an mpiexec that does not end the other ranks when one
+    exits with an error: the failing rank's MPI_Abort still ends rank 0, with the error's exit code."""
+    with start("mpi-no-cleanup", RANK_RAISES_IN_MPI_WAIT) as launch:
+        (result,) = launch.wait(ENDS_WITHIN_S)
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    assert "rank_raises_in_mpi_wait.py: error: injected user error on rank 1\n" in result.stderr, result.stderr

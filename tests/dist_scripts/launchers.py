@@ -46,16 +46,20 @@ def launcher_command(launcher, script, *args, ranks=2):
 
     "mpi": mpiexec through `python -m mpi4py`, whose runner aborts every rank on an uncaught exception;
     "mpi-no-runner": mpiexec running python directly, where only the script's own error path ends the other ranks;
+    "mpi-no-cleanup": as "mpi-no-runner", but MPICH's mpiexec leaves the other ranks running when one exits with an
+    error (as srun --mpi=pmi2 does without --kill-on-bad-exit): only MPI_Abort ends them;
     "torchrun": one node.
     """
     if launcher == "mpi":
         return [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "mpi4py", script, *args]
     if launcher == "mpi-no-runner":
         return [MPIEXEC, "-n", str(ranks), sys.executable, script, *args]
+    if launcher == "mpi-no-cleanup":
+        return [MPIEXEC, "-n", str(ranks), "-disable-auto-cleanup", sys.executable, script, *args]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), script,
                 *args]
-    raise ValueError(f"launcher {launcher!r} is not 'mpi', 'mpi-no-runner' or 'torchrun'")
+    raise ValueError(f"launcher {launcher!r} is not 'mpi', 'mpi-no-runner', 'mpi-no-cleanup' or 'torchrun'")
 
 
 def clean_env(**extra):
