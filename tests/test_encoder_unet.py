@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from classifier_fixtures import tiny_classifier
 
 from guided_diffusion.classifier_util import classifier_defaults, create_classifier
 from guided_diffusion.encoder_unet import AttentionPool2d, EncoderUNetModel
@@ -32,17 +33,6 @@ POOL_PARAMS = {
     ("spatial_v2", False): 4_275_850,
 }
 
-# A 16 px classifier with every feature of the released ones (attention pool, BigGAN downsampling, AdaGN).
-TINY_CLASSIFIER_FLAGS = {
-    **classifier_defaults(),
-    "image_size": 16,
-    "classifier_width": 32,
-    "classifier_depth": 1,
-    "classifier_channel_mult": "1,2",
-    "classifier_attention_resolutions": "8",
-}
-
-
 def pool_model(pool, biggan_and_adagn, device=None):
     with torch.device(device or "cpu"):
         return EncoderUNetModel(
@@ -50,10 +40,6 @@ def pool_model(pool, biggan_and_adagn, device=None):
             attention_resolutions=(2, 4), channel_mult=(1, 2, 2, 2), num_head_channels=64,
             use_scale_shift_norm=biggan_and_adagn, resblock_updown=biggan_and_adagn, pool=pool,
         )
-
-
-def tiny_classifier(**overrides):
-    return create_classifier(**{**TINY_CLASSIFIER_FLAGS, **overrides})
 
 
 def perturb_(model, seed=0):
