@@ -3,8 +3,8 @@
 One optimizer step (the reference's): the batch is noised to x_t at t drawn uniformly (clean images at t = 0 without
 --noised), split into microbatches whose cross-entropy losses are weighted by their share of the batch, and AdamW
 steps; with --anneal_lr the learning rate at step s is lr·(1 - s/iterations). Every --eval_interval steps one batch
-of --val_data_dir is scored without gradients. The weights stay fp32; bf16 and fp16 run the forward pass under
-autocast (fp16 with a dynamic loss scale starting at 2^16, as the reference's classifier).
+of --val_data_dir is scored without gradients, with draws of its own. The weights stay fp32; bf16 and fp16 run the
+forward pass under autocast (fp16 with a dynamic loss scale starting at 2^16, as the reference's classifier).
 
 Logged (progress.csv, the reference's keys): step, samples, and per prefix train/val the loss, acc@1 and acc@5, each
 overall and per t quartile (_q0 .. _q3, quartile ⌊4t/T⌋). The step counter counts optimizer steps and numbers the
@@ -16,6 +16,7 @@ SIGTERM, SIGUSR1 and Ctrl-C stop the loop after a checkpoint of the step they in
 import contextlib
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -164,13 +165,21 @@ class ClassifierTrainLoop:
 
     @torch.no_grad()
     def validate(self):
-        """Score one batch of the validation set (its rows go into the next log row with the prefix val)."""
-        batch, cond = next(self.val_data)
+        """Score one batch of the validation set (its rows go into the next log row with the prefix val).
+
+        Its t and noise come from the global generators seeded by (step, rank), which are then restored: validating
+        (or starting the validation loader, which draws a seed, for the first time after a resume) changes no
+        training draw, so a resumed run validates and trains exactly as an uninterrupted one.
+        """
+        rng_state = checkpoint.capture_rng_state()
         self.model.eval()
         try:
+            batch, cond = next(self.val_data)
+            torch.manual_seed(int(np.random.SeedSequence([self.step, self.rank]).generate_state(1)[0]))
             self._forward(batch, cond["y"], "val", backward=False)
         finally:
             self.model.train()
+            checkpoint.restore_rng_state(rng_state)
 
     def _forward(self, batch, labels, prefix, backward):
         batch, labels = batch.to(self.device), labels.to(self.device)

@@ -202,7 +202,8 @@ class EncoderUNetModel(nn.Module):
         """
         self._check_inputs(x, timesteps)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
+            features = timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype)
+            emb = self.time_embed(features)
         spatial = self.pool.startswith("spatial")
         means = []
         h = x.type(self.dtype)

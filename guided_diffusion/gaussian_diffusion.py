@@ -277,8 +277,9 @@ class GaussianDiffusion:
         return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
-        """Score-based conditioning for DDIM (Song et al.): ε -= √(1-ᾱ_t)·∇_x log p(y | x_t), applied to the x̂₀ that
-        ε is recomputed from as x̂₀ += √(1/ᾱ_t - 1)·√(1-ᾱ_t)·∇ (the same update, and exactly x̂₀ for a zero gradient)."""
+        """Score-based conditioning for DDIM (Song et al.): ε -= √(1-ᾱ_t)·∇_x log p(y | x_t), applied to the x̂₀
+        that ε is recomputed from as x̂₀ += √(1/ᾱ_t - 1)·√(1-ᾱ_t)·∇ (the same update; x̂₀ exactly for a zero
+        gradient)."""
         gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
         coefficient = self._extract("sqrt_recipm1_alphas_cumprod", t, x.shape) * self._extract(
             "sqrt_one_minus_alphas_cumprod", t, x.shape

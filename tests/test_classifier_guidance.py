@@ -145,7 +145,7 @@ def test_unserviceable_guidance_requests_are_refused(setup):
     check_guidance_flags(class_cond=True, classifier_path="", classifier_scale=0.0)  # plain class-conditional
     with pytest.raises(ValueError, match="diffusion model has 10 classes and the classifier 1000"):
         guidance_num_classes(10, 1000)
-    assert (guidance_num_classes(None, 1000), guidance_num_classes(10, None), guidance_num_classes(5, 5)) == (1000, 10, 5)
+    assert [guidance_num_classes(*pair) for pair in ((None, 1000), (10, None), (5, 5))] == [1000, 10, 5]
     model, diffusion, classifier = setup
     few_step = SamplingOptions(image_size=16, class_cond=True, num_classes=2, sampler="dpm++2m", steps=3)
     with pytest.raises(SamplingArgumentError, match="not with --sampler dpm\\+\\+2m"):
