@@ -29,12 +29,15 @@ from .script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     parse_args,
+    read_config_file,
     train_flag_defaults,
 )
 from .state_dict_check import load_state_dict_checked
 from .torch_files import read_checkpoint_file
 
 TRAINING_OPTIONS = frozenset(train_flag_defaults()) - frozenset(model_and_diffusion_defaults())
+# The diffusion flags that decide which x_t and timesteps a classifier sees: guidance needs the model's values.
+PROCESS_FLAGS = ("diffusion_steps", "noise_schedule", "rescale_timesteps")
 
 
 def checkpoint_parser(description, defaults):
@@ -54,8 +57,34 @@ def parse_checkpoint_args(parser, argv=None):
 
 
 def _config_beside_checkpoint(args):
-    beside = os.path.join(os.path.dirname(args.model_path), CONFIG_FILE)
-    return beside if args.model_path and os.path.isfile(beside) else None
+    beside = _config_beside(args.model_path)
+    if beside and _is_classifier_run(read_config_file(beside)):
+        raise ValueError(
+            f"--model_path {args.model_path!r} is in a classifier_train.py run folder (its {CONFIG_FILE} holds "
+            "classifier flags): a noisy-image classifier; pass it as --classifier_path (classifier_sample.py) and "
+            "the diffusion model as --model_path"
+        )
+    return beside
+
+
+def _config_beside(path):
+    """The config.yaml beside a local checkpoint file, or None."""
+    beside = os.path.join(os.path.dirname(path), CONFIG_FILE)
+    return beside if path and "://" not in path and os.path.isfile(beside) else None
+
+
+def _is_classifier_run(config):
+    return "classifier_width" in config and "num_channels" not in config
+
+
+def classifier_flags_beside(classifier_path):
+    """The classifier flags (and image_size) of the config.yaml classifier_train.py saved beside `classifier_path`,
+    {} without one: classifier_sample.py's defaults for them, below any --config and the command line."""
+    beside = _config_beside(classifier_path)
+    config = read_config_file(beside) if beside else {}
+    if not _is_classifier_run(config):
+        return {}
+    return {key: config[key] for key in classifier_defaults() if key in config}
 
 
 def load_model_and_diffusion(args):
@@ -85,6 +114,7 @@ def load_classifier(args):
     :return: (classifier in eval mode on dist_util.dev(), identity: the checkpoint fingerprint and classifier flags).
     """
     state_dict = read_weights(args.classifier_path, "--classifier_path", "model{step}.pt")
+    _check_classifier_process(args)
     flags = args_to_dict(args, classifier_defaults())
     classifier = create_classifier(num_classes=checkpoint_num_logits(state_dict), **flags)
     load_state_dict_checked(classifier, state_dict, args.classifier_path)
@@ -92,6 +122,21 @@ def load_classifier(args):
         classifier.convert_to_fp16()
     identity = {"classifier_sha256": state_dict_fingerprint(state_dict), **flags}
     return classifier.requires_grad_(False).to(dist_util.dev()).eval(), identity
+
+
+def _check_classifier_process(args):
+    """Refuse a classifier whose saved config says it learned another diffusion process than the one sampled."""
+    beside = _config_beside(args.classifier_path)
+    trained = read_config_file(beside) if beside else {}
+    if not _is_classifier_run(trained):
+        return
+    differing = [key for key in PROCESS_FLAGS if key in trained and trained[key] != getattr(args, key)]
+    if differing:
+        raise ValueError(
+            f"--classifier_path {args.classifier_path!r} learned x_t of another process ("
+            + ", ".join(f"--{key} {trained[key]} in {beside}, {getattr(args, key)} here" for key in differing)
+            + "): its gradients would be for other noise levels; train it with the diffusion model's flags"
+        )
 
 
 def read_weights(path, flag, weights_beside):

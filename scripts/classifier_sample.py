@@ -9,9 +9,10 @@ its label (the reference's classifier_sample.py).
     mpiexec -n 8 python scripts/classifier_sample.py ...      (or torchrun --nproc_per_node 8 ...)
 
 Flags: image_sample.py's (the model and diffusion flags, from the config.yaml beside --model_path when there is one),
-the classifier's (--classifier_width, --classifier_depth, ... as classifier_train.py took them; --image_size is
-shared), --classifier_path (a modelNNNNNN.pt of classifier_train.py, or a released ADM classifier) and
---classifier_scale s (default 1.0). Each sample i draws its label uniformly from the classifier's classes, first
+the classifier's (--classifier_width, --classifier_depth, ... as classifier_train.py took them, from the config.yaml
+it saved beside --classifier_path when there is one; --image_size is shared), --classifier_path (a modelNNNNNN.pt
+of classifier_train.py, or a released ADM classifier) and --classifier_scale s (default 1.0). A classifier whose
+config.yaml names another --diffusion_steps, --noise_schedule or --rescale_timesteps than the model's is refused. Each sample i draws its label uniformly from the classifier's classes, first
 from its own generator as image_sample.py does; a class-conditional model gets it too (and must have as many
 classes), an unconditional one does not. Ancestral sampling shifts each step's mean by s·Σ·∇ log p(y | x_t), DDIM
 (--use_ddim True) shifts ε by -s·√(1-ᾱ)·∇ (guided_diffusion/classifier_guidance.py); the few-step samplers take no
@@ -36,6 +37,7 @@ from guided_diffusion.cli import script_main
 from guided_diffusion.fileio import check_output_dir
 from guided_diffusion.model_loading import (
     checkpoint_parser,
+    classifier_flags_beside,
     load_classifier,
     load_model_and_diffusion,
     parse_checkpoint_args,
@@ -53,8 +55,11 @@ def classifier_sample_defaults():
 
 
 def parse_args(argv=None):
-    """Namespace: defaults -> the config (args.config, "" if none) -> command-line flags."""
-    return parse_checkpoint_args(checkpoint_parser(__doc__, classifier_sample_defaults()), argv)
+    """Namespace: defaults -> the classifier flags of the config.yaml beside --classifier_path -> the config
+    (args.config, "" if none) -> command-line flags."""
+    parser = checkpoint_parser(__doc__, classifier_sample_defaults())
+    parser.set_defaults(**classifier_flags_beside(parser.parse_known_args(argv)[0].classifier_path))
+    return parse_checkpoint_args(parser, argv)
 
 
 def default_sample_dir(args, sampler):
