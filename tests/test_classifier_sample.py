@@ -67,7 +67,7 @@ def guided(model_path, classifier_path, *flags, **model_flags):
     """Run classifier_sample in this process with the tiny model's flags (10 of T = 50 steps unless overridden); the
     classifier's flags come from the config.yaml classifier_train.py saved beside it."""
     model_flags.setdefault("timestep_respacing", "10")
-    argv = tiny_flags(**model_flags) + ["--model_path", model_path, *flags]
+    argv = tiny_flags(**model_flags) + ["--model_path", model_path, "--num_samples", "2", *flags]
     return classifier_sample.main(argv + (["--classifier_path", classifier_path] if classifier_path else []))
 
 
