@@ -28,7 +28,6 @@ from .logger import Logger
 from .precision import autocast_for
 from .resample import UniformSampler
 from .state_dict_check import load_state_dict_checked
-from .train_util import match_state_layout
 
 INITIAL_LG_LOSS_SCALE = 16.0  # the reference classifier's starting log2 loss scale
 TOP_K = (1, 5)
@@ -100,17 +99,16 @@ class ClassifierTrainLoop:
                                  bucket_cap_mb=128)
 
     def _load_resume_point(self, resume):
+        """Optimizer (with the flag's --lr), and from a state file the loss scale, data positions and random states."""
         self.logger.info(f"resuming from {resume.source} at step {resume.step}")
         if resume.optimizer is not None:
             self.opt.load_state_dict(resume.optimizer)
-            match_state_layout(self.opt)
-            for group in self.opt.param_groups:
-                group["lr"] = self.lr
-        state = resume.state
-        if state is None:
-            return
-        if state["grad_scaler"] and self.precision == "fp16":
+            self.opt.param_groups[0]["lr"] = self.lr  # one group
+        state = resume.state or {}
+        if state.get("grad_scaler") and self.precision == "fp16":
             self.grad_scaler.load_state_dict(state["grad_scaler"])
+        if not state:
+            return
         if len(state["rng"]) != self.world_size:
             self.logger.info(f"warning: {resume.source} was saved by {len(state['rng'])} ranks, this run has "
                              f"{self.world_size}: random streams and data order start afresh")

@@ -36,6 +36,7 @@ from guided_diffusion.classifier_util import classifier_defaults
 from guided_diffusion.cli import script_main
 from guided_diffusion.fileio import check_output_dir
 from guided_diffusion.model_loading import (
+    check_model_path,
     checkpoint_parser,
     classifier_flags_beside,
     load_classifier,
@@ -80,8 +81,7 @@ def main(argv=None):
 def sample_with_flags(argv):
     rank, world_size = dist_util.rank_and_world_size()
     args = parse_args(argv)
-    if not args.model_path:
-        raise ValueError("--model_path is required: the diffusion checkpoint to sample from")
+    check_model_path(args.model_path)  # before its name makes the output folder's
     sampler = resolve_sampler(args.sampler, args.steps, args.step_schedule, args.use_ddim, args.ddim_eta,
                               args.timestep_respacing)
     check_guidance_flags(args.class_cond, args.classifier_path, args.classifier_scale, sampler["sampler"])

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from classifier_fixtures import tiny_classifier
+from sample_tiny_model import perturb_
 
 from guided_diffusion.classifier_util import classifier_defaults, create_classifier
 from guided_diffusion.encoder_unet import AttentionPool2d, EncoderUNetModel
@@ -40,15 +41,6 @@ def pool_model(pool, biggan_and_adagn, device=None):
             attention_resolutions=(2, 4), channel_mult=(1, 2, 2, 2), num_head_channels=64,
             use_scale_shift_norm=biggan_and_adagn, resblock_updown=biggan_and_adagn, pool=pool,
         )
-
-
-def perturb_(model, seed=0):
-    """Add noise to every parameter: the fresh heads output zeros or near-constants."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator).to(p.dtype))
-    return model
 
 
 def inputs(batch=2, size=16, seed=1):
