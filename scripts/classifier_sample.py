@@ -12,12 +12,13 @@ Flags: image_sample.py's (the model and diffusion flags, from the config.yaml be
 the classifier's (--classifier_width, --classifier_depth, ... as classifier_train.py took them, from the config.yaml
 it saved beside --classifier_path when there is one; --image_size is shared), --classifier_path (a modelNNNNNN.pt
 of classifier_train.py, or a released ADM classifier) and --classifier_scale s (default 1.0). A classifier whose
-config.yaml names another --diffusion_steps, --noise_schedule or --rescale_timesteps than the model's is refused. Each sample i draws its label uniformly from the classifier's classes, first
-from its own generator as image_sample.py does; a class-conditional model gets it too (and must have as many
-classes), an unconditional one does not. Ancestral sampling shifts each step's mean by s·Σ·∇ log p(y | x_t), DDIM
-(--use_ddim True) shifts ε by -s·√(1-ᾱ)·∇ (guided_diffusion/classifier_guidance.py); the few-step samplers take no
-guidance. --classifier_scale 0 runs the classifier but adds exactly nothing: a class-conditional model's samples are
-then image_sample.py's, bit for bit. --precision applies to both networks.
+config.yaml names another --diffusion_steps, --noise_schedule or --rescale_timesteps than the model's is refused.
+Each sample i draws its label uniformly from the classifier's classes, first from its own generator as
+image_sample.py does; a class-conditional model gets it too (and must have as many classes), an unconditional one
+does not. Ancestral sampling shifts each step's mean by s·Σ·∇ log p(y | x_t), DDIM (--use_ddim True) shifts ε by
+-s·√(1-ᾱ)·∇ (guided_diffusion/classifier_guidance.py); the few-step samplers take no guidance.
+--classifier_scale 0 runs the classifier but adds exactly nothing: a class-conditional model's samples are then
+image_sample.py's, bit for bit. --precision applies to both networks.
 Output exactly as image_sample.py (guided_diffusion/sampling.py): samples_{N}x{H}x{W}x3.npz with the labels as
 arr_1, images/, grid.png, run.json; by default in a folder beside the checkpoint named after it, the schedule and
 the scale (samples_ema_..._250_classifier1). Rerunning the same command resumes an interrupted run.
