@@ -159,6 +159,7 @@ def test_one_class_data_and_a_resume_with_another_model_are_refused(two_classes,
         train(two_classes, tmp_path / "run2", iterations=2, resume_checkpoint="auto", classifier_width=64)
 
 
+@pytest.mark.slow
 def test_script_runs_from_the_command_line(two_classes, tmp_path):
     argv = classifier_train_argv(two_classes, str(tmp_path), iterations=1, save_interval=1)
     done = subprocess.run([sys.executable, SCRIPT, *argv], check=False, cwd=ROOT, env=clean_env(),
