@@ -295,12 +295,15 @@ class GaussianDiffusion:
         return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
-        """Score-based conditioning for DDIM (Song et al.): ε -= √(1-ᾱ_t)·∇_x log p(y | x_t)."""
-        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
-        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
-        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
+        """Score-based conditioning for DDIM (Song et al.): ε -= √(1-ᾱ_t)·∇_x log p(y | x_t), applied to the x̂₀
+        that ε is recomputed from as x̂₀ += √(1/ᾱ_t - 1)·√(1-ᾱ_t)·∇ (the same update; x̂₀ exactly for a zero
+        gradient)."""
+        gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
+        coefficient = self._extract("sqrt_recipm1_alphas_cumprod", t, x.shape) * self._extract(
+            "sqrt_one_minus_alphas_cumprod", t, x.shape
+        )
         out = dict(p_mean_var)
-        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
+        out["pred_xstart"] = p_mean_var["pred_xstart"] + coefficient * gradient
         out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
         return out
 

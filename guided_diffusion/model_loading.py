@@ -1,6 +1,7 @@
 """A trained model for inference: flags resolved from the config saved beside a checkpoint, weights loaded checked.
 
-Shared by the scripts that read a checkpoint (image_sample, reconstruct, sweep_schedules). Flag values resolve as
+Shared by the scripts that read a checkpoint (image_sample, reconstruct, sweep_schedules, classifier_sample, which
+also loads a noisy-image classifier with `load_classifier`). Flag values resolve as
 defaults -> `--config FILE` (default: the config.yaml that image_train.py saved beside the checkpoint, when there is
 one) -> flags given on the command line.
 
@@ -20,6 +21,7 @@ from .checkpoint import (
     is_training_state,
     state_dict_fingerprint,
 )
+from .classifier_util import classifier_defaults, create_classifier
 from .script_util import (
     NUM_CLASSES,
     args_to_dict,
@@ -27,12 +29,15 @@ from .script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     parse_args,
+    read_config_file,
     train_flag_defaults,
 )
 from .state_dict_check import load_state_dict_checked
 from .torch_files import read_checkpoint_file
 
 TRAINING_OPTIONS = frozenset(train_flag_defaults()) - frozenset(model_and_diffusion_defaults())
+# The diffusion flags that decide which x_t and timesteps a classifier sees: guidance needs the model's values.
+PROCESS_FLAGS = ("diffusion_steps", "noise_schedule", "rescale_timesteps")
 
 
 def checkpoint_parser(description, defaults):
@@ -52,8 +57,34 @@ def parse_checkpoint_args(parser, argv=None):
 
 
 def _config_beside_checkpoint(args):
-    beside = os.path.join(os.path.dirname(args.model_path), CONFIG_FILE)
-    return beside if args.model_path and os.path.isfile(beside) else None
+    beside = _config_beside(args.model_path)
+    if beside and _is_classifier_run(read_config_file(beside)):
+        raise ValueError(
+            f"--model_path {args.model_path!r} is in a classifier_train.py run folder (its {CONFIG_FILE} holds "
+            "classifier flags): a noisy-image classifier; pass it as --classifier_path (classifier_sample.py) and "
+            "the diffusion model as --model_path"
+        )
+    return beside
+
+
+def _config_beside(path):
+    """The config.yaml beside a local checkpoint file, or None."""
+    beside = os.path.join(os.path.dirname(path), CONFIG_FILE)
+    return beside if path and "://" not in path and os.path.isfile(beside) else None
+
+
+def _is_classifier_run(config):
+    return "classifier_width" in config and "num_channels" not in config
+
+
+def classifier_flags_beside(classifier_path):
+    """The classifier flags (and image_size) of the config.yaml classifier_train.py saved beside `classifier_path`,
+    {} without one: classifier_sample.py's defaults for them, below any --config and the command line."""
+    beside = _config_beside(classifier_path)
+    config = read_config_file(beside) if beside else {}
+    if not _is_classifier_run(config):
+        return {}
+    return {key: config[key] for key in classifier_defaults() if key in config}
 
 
 def load_model_and_diffusion(args):
@@ -63,14 +94,8 @@ def load_model_and_diffusion(args):
 
     :return: (model in eval mode on dist_util.dev(), diffusion, identity: the checkpoint fingerprint and flags).
     """
-    check_model_path(args.model_path)
-    state_dict = read_checkpoint_file(args.model_path, "--model_path")
-    if is_training_state(state_dict):
-        raise ValueError(
-            f"--model_path {args.model_path!r} is a training-state file; sample from the weights saved beside it: "
-            f"ema_<rate>_{state_dict['step']:06d}.pt (the paper's results use EMA weights) or "
-            f"model{state_dict['step']:06d}.pt"
-        )
+    state_dict = read_weights(args.model_path, "--model_path", "ema_<rate>_{step}.pt (the paper's results use EMA "
+                              "weights) or model{step}.pt")
     model_flags = args_to_dict(args, model_and_diffusion_defaults())
     model, diffusion = create_model_and_diffusion(num_classes=checkpoint_num_classes(state_dict), **model_flags)
     load_state_dict_checked(model, state_dict, args.model_path)
@@ -80,19 +105,77 @@ def load_model_and_diffusion(args):
     return model.to(dist_util.dev()).eval(), diffusion, identity
 
 
-def check_model_path(path):
-    """Refuse a --model_path that is not a file (a missing path, or a folder: its newest weights are suggested)."""
+def load_classifier(args):
+    """Build the noisy-image classifier from the classifier flags and load args.classifier_path into it.
+
+    It gets as many classes as the checkpoint's last layer has rows (classifier.out_channels); its parameters do not
+    require gradients (guidance differentiates with respect to the input only).
+
+    :return: (classifier in eval mode on dist_util.dev(), identity: the checkpoint fingerprint and classifier flags).
+    """
+    state_dict = read_weights(args.classifier_path, "--classifier_path", "model{step}.pt")
+    _check_classifier_process(args)
+    flags = args_to_dict(args, classifier_defaults())
+    classifier = create_classifier(num_classes=checkpoint_num_logits(state_dict), **flags)
+    load_state_dict_checked(classifier, state_dict, args.classifier_path)
+    if args.classifier_use_fp16:
+        classifier.convert_to_fp16()
+    identity = {"classifier_sha256": state_dict_fingerprint(state_dict), **flags}
+    return classifier.requires_grad_(False).to(dist_util.dev()).eval(), identity
+
+
+def _check_classifier_process(args):
+    """Refuse a classifier whose saved config says it learned another diffusion process than the one sampled."""
+    beside = _config_beside(args.classifier_path)
+    trained = read_config_file(beside) if beside else {}
+    if not _is_classifier_run(trained):
+        return
+    differing = [key for key in PROCESS_FLAGS if key in trained and trained[key] != getattr(args, key)]
+    if differing:
+        raise ValueError(
+            f"--classifier_path {args.classifier_path!r} learned x_t of another process ("
+            + ", ".join(f"--{key} {trained[key]} in {beside}, {getattr(args, key)} here" for key in differing)
+            + "): its gradients would be for other noise levels; train it with the diffusion model's flags"
+        )
+
+
+def read_weights(path, flag, weights_beside):
+    """The state_dict in the file `flag` names, refusing a folder and a training-state file.
+
+    :param weights_beside: the weight files beside a training state to suggest, with "{step}" for its step.
+    """
+    check_model_path(path, flag)
+    state_dict = read_checkpoint_file(path, flag)
+    if is_training_state(state_dict):
+        step = f"{state_dict['step']:06d}"
+        raise ValueError(
+            f"{flag} {path!r} is a training-state file; use the weights saved beside it: "
+            + weights_beside.replace("{step}", step)
+        )
+    return state_dict
+
+
+def check_model_path(path, flag="--model_path"):
+    """Refuse a checkpoint path that is not a file (a missing path, or a folder: its newest weights are suggested)."""
     if "://" in path or os.path.isfile(path):
         return
+    if not path:
+        raise ValueError(f"{flag} is required: the checkpoint file to load")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--model_path {path!r} does not exist")
+        raise FileNotFoundError(f"{flag} {path!r} does not exist")
     by_step = checkpoint_files_by_step(path)
     weights = sorted(name for name in by_step.get(max(by_step, default=-1), []) if name.startswith(("ema_", "model")))
     suggestion = f"such as {' or '.join(os.path.join(path, name) for name in weights)}" if weights else "(a .pt file)"
-    raise IsADirectoryError(f"--model_path {path!r} is a folder; pass one checkpoint file {suggestion}")
+    raise IsADirectoryError(f"{flag} {path!r} is a folder; pass one checkpoint file {suggestion}")
 
 
 def checkpoint_num_classes(state_dict):
     """Rows of the label embedding (label_emb.weight [num_classes, C]), or the reference's 1000 without one."""
     weight = state_dict.get("label_emb.weight")
     return NUM_CLASSES if weight is None else int(weight.shape[0])
+
+
+def checkpoint_num_logits(state_dict):
+    """Classes of a classifier state_dict: rows of its head's last weight (the last out.* weight key), else 1000."""
+    weights = [key for key in state_dict if key.startswith("out.") and key.endswith("weight")]
+    return int(state_dict[weights[-1]].shape[0]) if weights else NUM_CLASSES

@@ -33,6 +33,6 @@ def network_at_precision(model, precision, device):
 
 def sampling_autograd_mode():
     """The autograd state of sample generation: inference mode, which records no graph and, unlike no_grad,
-    also skips version counting and view tracking (ancestral/DDIM loops need no gradients; a `cond_fn`, which
-    does, is not used here)."""
+    also skips version counting and view tracking (the sampling loops need no gradients; classifier guidance's
+    `cond_fn` leaves inference mode for its own: classifier_guidance.py)."""
     return torch.inference_mode()

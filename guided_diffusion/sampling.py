@@ -147,7 +147,7 @@ def quantize_to_uint8(images):
 
 
 @sampling_autograd_mode()
-def generate_batch(model, diffusion, indices, options, device):
+def generate_batch(model, diffusion, indices, options, device, cond_fn=None):
     """Generate the samples with global indices `indices` (docs/compatibility.md, "Samplers"; per-sample noise).
 
     :param model: the U-Net, in eval mode, on `device`.
@@ -155,8 +155,15 @@ def generate_batch(model, diffusion, indices, options, device):
         ode_samplers sampler (options.sampler).
     :param indices: global sample indices, one per row of the batch.
     :param options: SamplingOptions.
+    :param cond_fn: classifier guidance for the ancestral and DDIM samplers (classifier_guidance.classifier_cond_fn);
+        it gets the labels y, so options.class_cond must be set.
     :return: (images uint8 numpy [B, H, W, 3], labels int64 numpy [B] or None).
     """
+    if cond_fn is not None and (options.sampler or not options.class_cond):
+        raise SamplingArgumentError(
+            "classifier guidance runs with the ancestral and DDIM samplers on labelled samples"
+            + (f", not with --sampler {options.sampler}" if options.sampler else "")
+        )
     generator = PerSampleGenerator(options.seed, indices, device)
     model_kwargs = {}
     if options.class_cond:
@@ -178,9 +185,9 @@ def generate_batch(model, diffusion, indices, options, device):
             model_kwargs=model_kwargs, noise_fn=generator.randn_like, heun_churn=options.heun_churn,
         )
     elif options.use_ddim:
-        samples = diffusion.ddim_sample_loop(network, shape, eta=options.ddim_eta, **loop_kwargs)
+        samples = diffusion.ddim_sample_loop(network, shape, eta=options.ddim_eta, cond_fn=cond_fn, **loop_kwargs)
     else:
-        samples = diffusion.p_sample_loop(network, shape, **loop_kwargs)
+        samples = diffusion.p_sample_loop(network, shape, cond_fn=cond_fn, **loop_kwargs)
     labels = model_kwargs["y"].cpu().numpy() if options.class_cond else None
     return quantize_to_uint8(samples).cpu().numpy(), labels
 
@@ -352,11 +359,13 @@ def sample_to_folder(
     rank=0,
     world_size=1,
     barrier=lambda: None,
+    cond_fn=None,
 ):
     """Generate samples 0..num_samples-1 into `sample_dir`, resuming what is there; rank 0 writes the npz.
 
     Every rank calls this with the same arguments. `identity` (JSON-serialisable) is everything
-    besides `options` that determines the pixels (checkpoint fingerprint, model and diffusion flags).
+    besides `options` that determines the pixels (checkpoint fingerprint, model and diffusion flags, and the
+    classifier's and its scale with `cond_fn`, which generate_batch passes to the sampler).
     :return: SamplingResult (paths on every rank; the npz exists once this returns).
     """
     if num_samples < 1:
@@ -386,7 +395,7 @@ def sample_to_folder(
     ) as bar:
         for batches in rounds:
             if rank < len(batches):
-                images, labels = generate_batch(model, diffusion, batches[rank], options, device)
+                images, labels = generate_batch(model, diffusion, batches[rank], options, device, cond_fn)
                 folder.write_batch(batches[rank], images, labels)
             bar.update(sum(len(b) for b in batches))
     barrier()

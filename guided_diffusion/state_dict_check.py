@@ -1,5 +1,9 @@
-"""Checking a U-Net state_dict against the model built from the flags, and explaining a mismatch by the flag that
-would cause it (docs/compatibility.md, "U-Net and checkpoint layout")."""
+"""Checking a U-Net or classifier state_dict against the model built from the flags, and explaining a mismatch by the
+flag that would cause it (docs/compatibility.md, "U-Net and checkpoint layout").
+
+The diffusion U-Net and the noisy-image classifier (encoder_unet.EncoderUNetModel) share their encoder's key names,
+so a file of one kind given for the other is named as such, with the flag that takes it; a classifier's mismatches
+name the classifier's flags (--classifier_depth for --num_res_blocks, ...)."""
 
 import re
 
@@ -11,12 +15,13 @@ class CheckpointMismatchError(ValueError):
 
 
 def load_state_dict_checked(model, state_dict, source_name):
-    """Load a U-Net state_dict with strict=True, explaining any mismatch by the flag that would cause it.
+    """Load a U-Net (or classifier) state_dict with strict=True, explaining any mismatch by the flag that would cause
+    it.
 
     Parameter shapes cannot reveal the number of attention heads (num_heads / num_head_channels): a
     checkpoint trained with other heads loads and gives different outputs, so those flags must match by hand.
 
-    :param model: a UNetModel.
+    :param model: a UNetModel or EncoderUNetModel.
     :param state_dict: mapping of parameter names to tensors (e.g. torch.load(path, weights_only=True)).
     :param source_name: where the state_dict came from (a path), for the message.
     :raises CheckpointMismatchError: naming each differing key (a few per cause) and the flag to check.
@@ -31,7 +36,7 @@ def load_state_dict_checked(model, state_dict, source_name):
     found = {key: tuple(value.shape) for key, value in state_dict.items()}
     mismatches = describe_mismatches(expected, found)
     if mismatches:
-        raise CheckpointMismatchError(_format_mismatches(source_name, mismatches))
+        raise CheckpointMismatchError(_format_mismatches(source_name, _model_kind(expected) or "U-Net", mismatches))
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -41,6 +46,36 @@ _BLOCK_KEY = re.compile(r"^(input_blocks\.\d+|output_blocks\.\d+|middle_block)\.
 _RESBLOCK_PARTS = {"in_layers", "emb_layers", "out_layers", "skip_connection"}
 _CHANNELS_CAUSE = "check --num_channels / --channel_mult: channel counts differ"
 _UNKNOWN_CAUSE = "no flag explains these keys: is the file a P2 / ADM / improved-diffusion U-Net checkpoint?"
+_KIND_SWAP_CAUSES = {
+    ("U-Net", "classifier"): (
+        "the checkpoint is a noisy-image classifier (no output_blocks), not a diffusion U-Net: pass it as "
+        "--classifier_path (classifier_sample.py) and the diffusion model as --model_path"
+    ),
+    ("classifier", "U-Net"): (
+        "the checkpoint is a diffusion U-Net (it has output_blocks), not a noisy-image classifier: pass it as "
+        "--model_path and the classifier as --classifier_path"
+    ),
+}
+_POOL_CAUSE = "check --classifier_pool: the checkpoint has another head (adaptive, attention, spatial, spatial_v2)"
+# The U-Net flag a cause names -> the classifier's flag of the same meaning.
+_CLASSIFIER_FLAGS = {
+    "num_res_blocks": "classifier_depth",
+    "num_channels": "classifier_width",
+    "channel_mult": "classifier_channel_mult",
+    "attention_resolutions": "classifier_attention_resolutions",
+    "use_scale_shift_norm": "classifier_use_scale_shift_norm",
+    "resblock_updown": "classifier_resblock_updown",
+}
+_FLAG = re.compile(r"--(\w+)")
+
+
+def _model_kind(shapes):
+    """"U-Net" (a decoder: output_blocks), "classifier" (an encoder without one) or None, from a state_dict's keys."""
+    if any(key.startswith("output_blocks.") for key in shapes):
+        return "U-Net"
+    if any(key.startswith("input_blocks.") for key in shapes):
+        return "classifier"
+    return None
 
 
 def describe_mismatches(expected, found):
@@ -52,6 +87,10 @@ def describe_mismatches(expected, found):
     if found and all(key.startswith("module.") for key in found):
         cause = "keys carry a 'module.' prefix (saved from a DistributedDataParallel wrapper): strip it"
         return [(cause, next(iter(found)), "structure", "prefixed key")]
+    model_kind, file_kind = _model_kind(expected), _model_kind(found)
+    if (model_kind, file_kind) in _KIND_SWAP_CAUSES:
+        difference = f"the checkpoint is a {file_kind}, this model a {model_kind}"
+        return [(_KIND_SWAP_CAUSES[model_kind, file_kind], "output_blocks", "structure", difference)]
     mismatches = []
     model_blocks, file_blocks = _input_block_count(expected), _input_block_count(found)
     if model_blocks != file_blocks:
@@ -66,9 +105,29 @@ def describe_mismatches(expected, found):
         model_shape, file_shape = expected.get(key), found.get(key)
         if model_shape == file_shape or (model_blocks != file_blocks and _BLOCK_KEY.match(key)):
             continue
-        cause = _cause(key, model_shape, file_shape, expected, found, *layouts)
+        if model_kind == "classifier" and key.startswith("out."):
+            cause = _classifier_head_cause(key, model_shape, file_shape)
+        else:
+            cause = _cause(key, model_shape, file_shape, expected, found, *layouts)
         mismatches.append((cause, key, *_difference(model_shape, file_shape)))
+    if model_kind == "classifier":
+        mismatches = [(_classifier_cause(cause), *rest) for cause, *rest in mismatches]
     return mismatches
+
+
+def _classifier_head_cause(key, model_shape, file_shape):
+    """Why a key of the classifier's head (out.*) differs: another pool, the image size, or the channel counts."""
+    if model_shape is None or file_shape is None:
+        return _POOL_CAUSE
+    if key.endswith("positional_embedding") and model_shape[0] == file_shape[0]:
+        return "check --image_size: the attention pool's positional embedding is for another feature size"
+    return _CHANNELS_CAUSE
+
+
+def _classifier_cause(cause):
+    """A U-Net cause in the classifier's terms: its flag names, and "classifier" for "U-Net"."""
+    cause = _FLAG.sub(lambda match: "--" + _CLASSIFIER_FLAGS.get(match.group(1), match.group(1)), cause)
+    return cause.replace("U-Net checkpoint", "classifier checkpoint")
 
 
 def _input_block_count(shapes):
@@ -150,12 +209,12 @@ def _difference(model_shape, file_shape):
     return "misshaped", f"checkpoint shape {file_shape}, this model {model_shape}"
 
 
-def _format_mismatches(source_name, mismatches):
+def _format_mismatches(source_name, model_kind, mismatches):
     # Per cause, a few keys of each kind (missing, unexpected, misshaped), so both sides of a swap show.
     examples = {}
     for cause, key, kind, difference in mismatches:
         examples.setdefault(cause, {}).setdefault(kind, []).append(f"{key}: {difference}")
-    lines = [f"{source_name} does not fit the U-Net built from the current flags:"]
+    lines = [f"{source_name} does not fit the {model_kind} built from the current flags:"]
     for cause, by_kind in examples.items():
         lines.append(f"  {cause}")
         for entries in by_kind.values():
