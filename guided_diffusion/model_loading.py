@@ -45,16 +45,16 @@ TRAINING_OPTIONS = frozenset(train_flag_defaults()) - frozenset(model_and_diffus
 class ModelKind:
     """One kind of diffusion network: its model/diffusion flags, its factory and the scripts for its checkpoints."""
 
-    name: str
+    name: str                    # with its article, for messages
     defaults: Callable           # () -> {flag: default} of the model and diffusion
     create: Callable             # (num_classes=..., **flags) -> (model, diffusion)
     size_flag: str               # the flag only this kind has
     sample_script: str
 
 
-IMAGE_MODEL = ModelKind("image", model_and_diffusion_defaults, create_model_and_diffusion, "image_size",
+IMAGE_MODEL = ModelKind("an image model", model_and_diffusion_defaults, create_model_and_diffusion, "image_size",
                         "image_sample.py")
-SUPER_RES_MODEL = ModelKind("super-resolution", sr_model_and_diffusion_defaults, sr_create_model_and_diffusion,
+SUPER_RES_MODEL = ModelKind("a super-resolution model", sr_model_and_diffusion_defaults, sr_create_model_and_diffusion,
                             "large_size", "super_res_sample.py")
 
 
@@ -87,7 +87,7 @@ def _check_config_kind(path, kind):
     keys = read_config_file(path)
     if kind.size_flag not in keys and other.size_flag in keys:
         raise ValueError(
-            f"config file {path!r} is of a {other.name} model ({other.size_flag}: {keys[other.size_flag]}); "
+            f"config file {path!r} is of {other.name} ({other.size_flag}: {keys[other.size_flag]}); "
             f"sample its checkpoints with scripts/{other.sample_script}"
         )
 
