@@ -246,6 +246,10 @@ def test_train_then_upsample_base_samples_end_to_end(tmp_path, capsys):
     with np.load(other.npz_path) as npz:
         changed = [not np.array_equal(a, b) for a, b in zip(images, npz["arr_0"])]
     assert changed == [False, True, False, False]
+    # Other base samples into the first run's folder are refused: they would mix with its samples.
+    with pytest.raises(SystemExit, match="base_samples_sha256: folder has"):
+        super_res_sample.main(sample_argv[:2] + ["--base_samples", str(tmp_path / "other.npz"), "--sample_dir",
+                                                 os.path.dirname(result.npz_path)] + sample_argv[4:])
     # A rerun of the same command resumes: nothing left to generate.
     assert super_res_sample.main(sample_argv).num_generated == 0
 
