@@ -3,7 +3,9 @@ resume after an interruption, batch sizes and ranks, errors."""
 
 import json
 import os
+import signal
 import subprocess
+import sys
 
 import image_nll
 import numpy as np
@@ -19,6 +21,7 @@ from guided_diffusion.sampling import PerSampleGenerator
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 16 px crops of the bundled 32 px emoji; T = 50 respaced to 10 terms keeps a run to a second.
 FLAGS = tiny_flags(timestep_respacing="10")
+RECORDED = os.path.join(ROOT, "tests", "dist_scripts", "nll_recorded.py")
 
 
 @pytest.fixture(scope="module")
@@ -139,19 +142,44 @@ def test_bad_input_is_named(checkpoint, tmp_path, flags, message):
     assert str(error.value).startswith("image_nll.py: error: ") and message.format(**fill) in str(error.value)
 
 
+def recorded_run(record_dir, kill_after, *flags, launcher=None):
+    """tests/dist_scripts/nll_recorded.py in a subprocess (on two ranks with `launcher`); returns the process."""
+    os.makedirs(record_dir, exist_ok=True)
+    args = (str(record_dir), str(kill_after), *FLAGS, *flags)
+    command = launcher_command(launcher, RECORDED, *args) if launcher else [sys.executable, RECORDED, *args]
+    return subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def recorded(record_dir, rank=0):
+    return json.loads((record_dir / f"rank{rank}.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_two_ranks_give_the_one_rank_numbers(checkpoint, tmp_path, launcher):
+def test_two_ranks_split_the_images_and_give_the_one_rank_numbers(checkpoint, tmp_path, launcher):
     one = run_nll(checkpoint, tmp_path / "one", "--num_samples", "3", "--batch_size", "1")
-    command = launcher_command(launcher, os.path.join(ROOT, "scripts", "image_nll.py"), *FLAGS, "--model_path",
-                               checkpoint, "--out_dir", str(tmp_path / "two"), "--num_samples", "3",
-                               "--batch_size", "1")
-    done = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300,
-                          check=False)
+    done = recorded_run(tmp_path / "record", -1, "--model_path", checkpoint, "--out_dir", str(tmp_path / "two"),
+                        "--num_samples", "3", "--batch_size", "1", launcher=launcher)
     assert done.returncode == 0, done.stderr
-    assert sorted(os.listdir(tmp_path / "two" / "parts")) == [f"bpd_00000{i}_1.npz" for i in range(3)]
+    assert (recorded(tmp_path / "record", 0), recorded(tmp_path / "record", 1)) == ([[0], [2]], [[1]])
     two = json.loads((tmp_path / "two" / "nll.json").read_text())
     assert two["bpd"] == pytest.approx(one["bpd"], rel=1e-6)
     np.testing.assert_allclose(load(tmp_path / "two" / "vb_terms.npz")["arr_0"],
                                load(tmp_path / "one" / "vb_terms.npz")["arr_0"], rtol=1e-6)
 
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_uninterrupted_numbers(checkpoint, tmp_path):
+    flags = ["--model_path", checkpoint, "--num_samples", "4", "--batch_size", "2"]
+    straight = run_nll(checkpoint, tmp_path / "straight", *flags[2:])
+    killed = recorded_run(tmp_path / "record", 1, *flags, "--out_dir", str(tmp_path / "killed"))
+    assert killed.returncode == -signal.SIGKILL
+    assert recorded(tmp_path / "record") == [[0, 1], [2, 3]]
+    parts = tmp_path / "killed" / "parts"
+    assert len(os.listdir(parts)) == 2  # the finished batch and the dying write's temporary file
+    resumed = recorded_run(tmp_path / "record", -1, *flags, "--out_dir", str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert recorded(tmp_path / "record") == [[2, 3]]
+    assert sorted(os.listdir(parts)) == ["bpd_000000_2.npz", "bpd_000002_2.npz"]
+    assert json.loads((tmp_path / "killed" / "nll.json").read_text()) == straight
