@@ -69,7 +69,10 @@ def default_sample_dir(args, sampler):
     return os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "_".join(parts))
 
 
-@script_main(interrupted="finished samples are kept in the sample folder; rerun the same command to resume")
+INTERRUPTED_ADVICE = "finished samples are kept in the sample folder; rerun the same command to resume"
+
+
+@script_main(interrupted=INTERRUPTED_ADVICE)
 def main(argv=None):
     """Run image_sample with `argv` (default sys.argv[1:]); returns the SamplingResult."""
     dist_util.setup_dist()

@@ -42,19 +42,18 @@ def parse_args(argv=None):
     return parse_checkpoint_args(checkpoint_parser(__doc__, defaults, SUPER_RES_MODEL), argv, SUPER_RES_MODEL)
 
 
-@script_main(interrupted="finished samples are kept in the sample folder; rerun the same command to resume")
+@script_main(interrupted=image_sample.INTERRUPTED_ADVICE)
 def main(argv=None):
-    """Run super_res_sample with `argv` (default sys.argv[1:]); returns the SamplingResult."""
+    """Upsample with `argv` (default sys.argv[1:]); returns the SamplingResult."""
     dist_util.setup_dist()
     try:
-        return sample_with_flags(argv)
+        return upsample(parse_args(argv))
     finally:
         dist_util.cleanup()
 
 
-def sample_with_flags(argv):
+def upsample(args):
     rank, world_size = dist_util.rank_and_world_size()
-    args = parse_args(argv)
     if not args.base_samples:
         raise ValueError("--base_samples is required: the npz of low-resolution samples to upsample")
     if not os.path.isfile(args.base_samples):
