@@ -33,15 +33,15 @@ from guided_diffusion.nll import bpd_to_folder
 
 def image_nll_defaults():
     """The script's own flags; the reference's first (data_dir, clip_denoised, num_samples, batch_size, model_path)."""
-    return dict(
-        data_dir="",                 # folder, zip or sample npz of the images; "" = the bundled demo set
-        clip_denoised=True,          # clamp x̂₀ to [-1, 1] in every term
-        num_samples=1000,            # the first N images (all of them if there are fewer)
-        batch_size=1,                # images per forward pass on each rank
-        model_path="",               # checkpoint (U-Net state_dict: ema_*.pt, model*.pt, released .pt)
-        out_dir="",                  # output folder; "" = beside the checkpoint, named after it
-        seed=0,                      # image k's noise comes from the generator of (seed, k)
-    )
+    return {
+        "data_dir": "",                 # folder, zip or sample npz of the images; "" = the bundled demo set
+        "clip_denoised": True,          # clamp x̂₀ to [-1, 1] in every term
+        "num_samples": 1000,            # the first N images (all of them if there are fewer)
+        "batch_size": 1,                # images per forward pass on each rank
+        "model_path": "",               # checkpoint (U-Net state_dict: ema_*.pt, model*.pt, released .pt)
+        "out_dir": "",                  # output folder; "" = beside the checkpoint, named after it
+        "seed": 0,                      # image k's noise comes from the generator of (seed, k)
+    }
 
 
 def parse_args(argv=None):

@@ -4,6 +4,7 @@ low-resolution training input, base samples, and super_res_train.py -> super_res
 import hashlib
 import os
 
+import image_sample
 import numpy as np
 import pytest
 import super_res_sample
@@ -32,29 +33,29 @@ from guided_diffusion.unet import UNetModel
 # openai/guided-diffusion's sr_create_model_and_diffusion).
 RELEASED = {
     "64_256_upsampler": (
-        dict(attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, large_size=256, small_size=64,
-             learn_sigma=True, noise_schedule="linear", num_channels=192, num_heads=4, num_res_blocks=2,
-             resblock_updown=True, use_fp16=True, use_scale_shift_norm=True),
+        {"attention_resolutions": "32,16,8", "class_cond": True, "diffusion_steps": 1000, "large_size": 256, "small_size": 64,
+             "learn_sigma": True, "noise_schedule": "linear", "num_channels": 192, "num_heads": 4, "num_res_blocks": 2,
+             "resblock_updown": True, "use_fp16": True, "use_scale_shift_norm": True},
         567, 311_795_910, "af837e8753d53ec8c27837f343c50cc9c1b44e79c73f8cb0da1166e04818f046",
     ),
     "128_512_upsampler": (
-        dict(attention_resolutions="32,16", class_cond=True, diffusion_steps=1000, large_size=512, small_size=128,
-             learn_sigma=True, noise_schedule="linear", num_channels=192, num_head_channels=64, num_res_blocks=2,
-             resblock_updown=True, use_fp16=True, use_scale_shift_norm=True),
+        {"attention_resolutions": "32,16", "class_cond": True, "diffusion_steps": 1000, "large_size": 512, "small_size": 128,
+             "learn_sigma": True, "noise_schedule": "linear", "num_channels": 192, "num_head_channels": 64, "num_res_blocks": 2,
+             "resblock_updown": True, "use_fp16": True, "use_scale_shift_norm": True},
         537, 308_835_270, "60f2f5a3f1716a022df96dd4e2d0a10264cfa4de4188d292433378ca3cbd7338",
     ),
 }
 # The reference's sr_model_and_diffusion_defaults().
-REFERENCE_SR_DEFAULTS = dict(
-    num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1, num_head_channels=-1,
-    attention_resolutions="16,8", dropout=0.0, class_cond=False, use_checkpoint=False, use_scale_shift_norm=True,
-    resblock_updown=False, use_fp16=False, learn_sigma=False, diffusion_steps=1000, noise_schedule="linear",
-    timestep_respacing="", use_kl=False, predict_xstart=False, rescale_timesteps=False, rescale_learned_sigmas=False,
-    large_size=256, small_size=64,
-)
+REFERENCE_SR_DEFAULTS = {
+    "num_channels": 128, "num_res_blocks": 2, "num_heads": 4, "num_heads_upsample": -1, "num_head_channels": -1,
+    "attention_resolutions": "16,8", "dropout": 0.0, "class_cond": False, "use_checkpoint": False, "use_scale_shift_norm": True,
+    "resblock_updown": False, "use_fp16": False, "learn_sigma": False, "diffusion_steps": 1000, "noise_schedule": "linear",
+    "timestep_respacing": "", "use_kl": False, "predict_xstart": False, "rescale_timesteps": False, "rescale_learned_sigmas": False,
+    "large_size": 256, "small_size": 64,
+}
 # 16 -> 32 px, 32 channels, two levels, T = 50: a training step and a sampling step take a fraction of a second.
-TINY_SR_FLAGS = dict(large_size=32, small_size=16, num_channels=32, channel_mult="1,2", num_res_blocks=1,
-                     attention_resolutions="16", num_heads=2, diffusion_steps=50, learn_sigma=True)
+TINY_SR_FLAGS = {"large_size": 32, "small_size": 16, "num_channels": 32, "channel_mult": "1,2", "num_res_blocks": 1,
+                     "attention_resolutions": "16", "num_heads": 2, "diffusion_steps": 50, "learn_sigma": True}
 
 
 def tokens(**flags):
@@ -209,12 +210,17 @@ def test_image_checkpoint_and_super_res_checkpoint_swapped_name_the_script(tmp_p
         load_state_dict_checked(image_model, sr_model().state_dict(), "sr.pt")
 
 
-def test_config_of_an_image_run_beside_the_checkpoint_names_image_sample(tmp_path):
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"image_size": 16, "num_channels": 32}))
+@pytest.mark.parametrize("config, script, argv, message", [
+    ({"image_size": 16}, super_res_sample, ["--base_samples", "b.npz"],
+     "is of an image model .image_size: 16.; sample its checkpoints with scripts/image_sample.py"),
+    ({"large_size": 32, "small_size": 16}, image_sample, [],
+     "is of a super-resolution model .large_size: 32.; sample its checkpoints with scripts/super_res_sample.py"),
+])
+def test_config_of_the_other_kind_beside_the_checkpoint_names_its_script(tmp_path, config, script, argv, message):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     checkpoint = save_tiny_checkpoint(str(tmp_path / "ema.pt"))
-    with pytest.raises(ValueError, match="is of an image model .image_size: 16.; sample its checkpoints with "
-                                         "scripts/image_sample.py"):
-        super_res_sample.parse_args(["--model_path", checkpoint, "--base_samples", "b.npz"])
+    with pytest.raises(ValueError, match=message):
+        script.parse_args(["--model_path", checkpoint, *argv])
 
 
 def test_train_then_upsample_base_samples_end_to_end(tmp_path, capsys):
