@@ -60,6 +60,7 @@ def classifier_train_defaults():
         "num_workers": 1,                # image decoding processes per rank
         "keep_checkpoints": 0,           # keep only the newest N checkpoints; 0 = keep all
         "save_interval_minutes": 0.0,    # also a checkpoint after this many minutes; 0 = off
+        "dist_timeout": 30.0,            # minutes a rank waits for its peers (start-up and every collective)
     }
 
 

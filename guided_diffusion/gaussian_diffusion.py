@@ -543,9 +543,11 @@ class GaussianDiffusion:
         kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
         return mean_flat(kl_prior) / math.log(2.0)
 
-    def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None):
+    def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None, noise_fn=None):
         """The full variational bound in bits per dimension, term by term.
 
+        :param noise_fn: callable x -> standard normal noise shaped like x, one draw per timestep (default
+            torch.randn_like); per-sample generators plug in here.
         :return: dict with 'total_bpd' [N], 'prior_bpd' [N], and 'vb', 'xstart_mse', 'mse', each [N, T] with
             column j holding timestep T-1-j (the order the loop visits them, as in ADM).
         """
@@ -554,7 +556,7 @@ class GaussianDiffusion:
         vb, xstart_mse, mse = [], [], []
         for t in list(range(self.num_timesteps))[::-1]:
             t_batch = torch.full((batch_size,), t, device=device, dtype=torch.long)
-            noise = torch.randn_like(x_start)
+            noise = (noise_fn or torch.randn_like)(x_start)
             x_t = self.q_sample(x_start=x_start, t=t_batch, noise=noise)
             with torch.no_grad():
                 out = self._vb_terms_bpd(

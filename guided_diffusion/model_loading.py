@@ -9,10 +9,13 @@ Keys of that config: the model and diffusion flags and the script's own options 
 (TRAINING_OPTIONS: every other flag of image_train.py, such as lr, data_dir, log_dir, eval_interval) are ignored,
 also those sharing a name with an option of the script (seed, batch_size, precision, compile, channels_last,
 inception_path): in a saved config they describe the training run, not this one; give them on the command line.
-Any other key is an error naming it.
+Any other key is an error naming it. A config of the other kind of network (image_size of an image model,
+large_size of a super-resolution one) names the script that serves its checkpoint.
 """
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from . import dist_util
 from .checkpoint import (
@@ -30,6 +33,9 @@ from .script_util import (
     model_and_diffusion_defaults,
     parse_args,
     read_config_file,
+    read_typed_config,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
     train_flag_defaults,
 )
 from .state_dict_check import load_state_dict_checked
@@ -40,9 +46,27 @@ TRAINING_OPTIONS = frozenset(train_flag_defaults()) - frozenset(model_and_diffus
 PROCESS_FLAGS = ("diffusion_steps", "noise_schedule", "rescale_timesteps")
 
 
-def checkpoint_parser(description, defaults):
-    """A parser with `defaults`' flags (which must include model_path), the model/diffusion flags and --config."""
-    parser = build_parser({**defaults, **model_and_diffusion_defaults()}, description)
+@dataclass(frozen=True)
+class ModelKind:
+    """One kind of diffusion network: its model/diffusion flags, its factory and the scripts for its checkpoints."""
+
+    name: str                    # with its article, for messages
+    defaults: Callable           # () -> {flag: default} of the model and diffusion
+    create: Callable             # (num_classes=..., **flags) -> (model, diffusion)
+    size_flag: str               # the flag only this kind has
+    sample_script: str
+
+
+IMAGE_MODEL = ModelKind("an image model", model_and_diffusion_defaults, create_model_and_diffusion, "image_size",
+                        "image_sample.py")
+SUPER_RES_MODEL = ModelKind("a super-resolution model", sr_model_and_diffusion_defaults, sr_create_model_and_diffusion,
+                            "large_size", "super_res_sample.py")
+
+
+def checkpoint_parser(description, defaults, kind=IMAGE_MODEL):
+    """A parser with `defaults`' flags (which must include model_path), the model/diffusion flags of `kind` and
+    --config."""
+    parser = build_parser({**defaults, **kind.defaults()}, description)
     config = next(a for a in parser._actions if a.dest == "config")
     config.help = (
         f"YAML of flag values (default: {CONFIG_FILE} beside the checkpoint, if present); its training options "
@@ -51,9 +75,26 @@ def checkpoint_parser(description, defaults):
     return parser
 
 
-def parse_checkpoint_args(parser, argv=None):
-    """Namespace: defaults -> the config (args.config; "" if none) without its training options -> flags."""
+def parse_checkpoint_args(parser, argv=None, kind=IMAGE_MODEL):
+    """Namespace: defaults -> the config (args.config; "" if none) without its training options -> flags.
+
+    :raises ValueError: for a config of another kind of network than `kind`, naming the script it needs.
+    """
+    known = parser.parse_known_args(argv)[0]
+    config = known.config or _config_beside_checkpoint(known)
+    if config:
+        _check_config_kind(config, kind)
     return parse_args(parser, argv, config_fallback=_config_beside_checkpoint, ignored_keys=TRAINING_OPTIONS)
+
+
+def _check_config_kind(path, kind):
+    other = SUPER_RES_MODEL if kind is IMAGE_MODEL else IMAGE_MODEL
+    keys = read_config_file(path)
+    if kind.size_flag not in keys and other.size_flag in keys:
+        raise ValueError(
+            f"config file {path!r} is of {other.name} ({other.size_flag}: {keys[other.size_flag]}); "
+            f"sample its checkpoints with scripts/{other.sample_script}"
+        )
 
 
 def _config_beside_checkpoint(args):
@@ -81,14 +122,13 @@ def classifier_flags_beside(classifier_path):
     """The classifier flags (and image_size) of the config.yaml classifier_train.py saved beside `classifier_path`,
     {} without one: classifier_sample.py's defaults for them, below any --config and the command line."""
     beside = _config_beside(classifier_path)
-    config = read_config_file(beside) if beside else {}
-    if not _is_classifier_run(config):
+    if not beside or not _is_classifier_run(read_config_file(beside)):
         return {}
-    return {key: config[key] for key in classifier_defaults() if key in config}
+    return read_typed_config(beside, classifier_defaults())
 
 
-def load_model_and_diffusion(args):
-    """Build the U-Net and the respaced diffusion from the flags and load args.model_path into the U-Net.
+def load_model_and_diffusion(args, kind=IMAGE_MODEL):
+    """Build the U-Net of `kind` and the respaced diffusion from the flags and load args.model_path into the U-Net.
 
     A class-conditional model gets as many classes as the checkpoint's label embedding has rows (model.num_classes).
 
@@ -96,8 +136,8 @@ def load_model_and_diffusion(args):
     """
     state_dict = read_weights(args.model_path, "--model_path", "ema_<rate>_{step}.pt (the paper's results use EMA "
                               "weights) or model{step}.pt")
-    model_flags = args_to_dict(args, model_and_diffusion_defaults())
-    model, diffusion = create_model_and_diffusion(num_classes=checkpoint_num_classes(state_dict), **model_flags)
+    model_flags = args_to_dict(args, kind.defaults())
+    model, diffusion = kind.create(num_classes=checkpoint_num_classes(state_dict), **model_flags)
     load_state_dict_checked(model, state_dict, args.model_path)
     if args.use_fp16:
         model.convert_to_fp16()
@@ -127,9 +167,9 @@ def load_classifier(args):
 def _check_classifier_process(args):
     """Refuse a classifier whose saved config says it learned another diffusion process than the one sampled."""
     beside = _config_beside(args.classifier_path)
-    trained = read_config_file(beside) if beside else {}
-    if not _is_classifier_run(trained):
+    if not beside or not _is_classifier_run(read_config_file(beside)):
         return
+    trained = read_typed_config(beside, {key: model_and_diffusion_defaults()[key] for key in PROCESS_FLAGS})
     differing = [key for key in PROCESS_FLAGS if key in trained and trained[key] != getattr(args, key)]
     if differing:
         raise ValueError(

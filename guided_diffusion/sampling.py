@@ -147,7 +147,7 @@ def quantize_to_uint8(images):
 
 
 @sampling_autograd_mode()
-def generate_batch(model, diffusion, indices, options, device, cond_fn=None):
+def generate_batch(model, diffusion, indices, options, device, cond_fn=None, conditioning=None):
     """Generate the samples with global indices `indices` (docs/compatibility.md, "Samplers"; per-sample noise).
 
     :param model: the U-Net, in eval mode, on `device`.
@@ -157,6 +157,8 @@ def generate_batch(model, diffusion, indices, options, device, cond_fn=None):
     :param options: SamplingOptions.
     :param cond_fn: classifier guidance for the ancestral and DDIM samplers (classifier_guidance.classifier_cond_fn);
         it gets the labels y, so options.class_cond must be set.
+    :param conditioning: None, or callable(indices) -> dict of model kwargs [B, ...] given to those samples (a
+        super-resolution model's low_res); labels it gives as "y" replace the drawn ones.
     :return: (images uint8 numpy [B, H, W, 3], labels int64 numpy [B] or None).
     """
     if cond_fn is not None and (options.sampler or not options.class_cond):
@@ -169,6 +171,8 @@ def generate_batch(model, diffusion, indices, options, device, cond_fn=None):
     if options.class_cond:
         # Drawn first from each sample's stream, so a label can be known without running the network.
         model_kwargs["y"] = generator.randint(0, options.num_classes)
+    if conditioning is not None:
+        model_kwargs.update({k: v.to(device) for k, v in conditioning(indices).items()})
     shape = (len(indices), 3, options.image_size, options.image_size)
     loop_kwargs = dict(
         noise=generator.randn(shape),
@@ -360,12 +364,13 @@ def sample_to_folder(
     world_size=1,
     barrier=lambda: None,
     cond_fn=None,
+    conditioning=None,
 ):
     """Generate samples 0..num_samples-1 into `sample_dir`, resuming what is there; rank 0 writes the npz.
 
     Every rank calls this with the same arguments. `identity` (JSON-serialisable) is everything
-    besides `options` that determines the pixels (checkpoint fingerprint, model and diffusion flags, and the
-    classifier's and its scale with `cond_fn`, which generate_batch passes to the sampler).
+    besides `options` that determines the pixels (checkpoint fingerprint, model and diffusion flags, the
+    classifier's and its scale with `cond_fn`, and what `conditioning` gives; both are passed on to generate_batch).
     :return: SamplingResult (paths on every rank; the npz exists once this returns).
     """
     if num_samples < 1:
@@ -395,7 +400,7 @@ def sample_to_folder(
     ) as bar:
         for batches in rounds:
             if rank < len(batches):
-                images, labels = generate_batch(model, diffusion, batches[rank], options, device, cond_fn)
+                images, labels = generate_batch(model, diffusion, batches[rank], options, device, cond_fn, conditioning)
                 folder.write_batch(batches[rank], images, labels)
             bar.update(sum(len(b) for b in batches))
     barrier()

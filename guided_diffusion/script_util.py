@@ -15,6 +15,7 @@ import yaml
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
+from .super_res import SuperResModel
 from .unet import UNetModel
 
 NUM_CLASSES = 1000  # label_emb rows of a class-conditional model built by image_train.py (the reference's)
@@ -240,9 +241,10 @@ def create_model(
     use_fp16=False,
     use_new_attention_order=False,
     num_classes=NUM_CLASSES,
+    model_class=UNetModel,
 ):
-    """Build the ADM U-Net from flag values (in_channels 3; out 6 with learn_sigma; `num_classes` label embeddings
-    if class_cond, by default the reference's 1000)."""
+    """Build the ADM U-Net (or `model_class`, a subclass taking the same arguments) from flag values (in_channels 3;
+    out 6 with learn_sigma; `num_classes` label embeddings if class_cond, by default the reference's 1000)."""
     channel_mult = parse_channel_mult(channel_mult, image_size)
     levels = len(channel_mult) - 1
     if image_size % (2**levels):
@@ -251,7 +253,7 @@ def create_model(
             f"{len(channel_mult)} levels of channel_mult={','.join(map(str, channel_mult))} need; "
             "change --image_size or --channel_mult"
         )
-    return UNetModel(
+    return model_class(
         image_size=image_size,
         in_channels=3,
         model_channels=num_channels,
@@ -322,13 +324,14 @@ def create_gaussian_diffusion(
     )
 
 
-def create_model_and_diffusion(num_classes=NUM_CLASSES, **kwargs):
+def create_model_and_diffusion(num_classes=NUM_CLASSES, model_class=UNetModel, **kwargs):
     """Model and diffusion from a dict holding (at least) every key of model_and_diffusion_defaults()."""
     model_keys = set(model_defaults()) - {"image_size"}
     model = create_model(
         image_size=kwargs["image_size"],
         learn_sigma=kwargs["learn_sigma"],
         num_classes=num_classes,
+        model_class=model_class,
         **{k: kwargs[k] for k in model_keys},
     )
     diffusion = create_gaussian_diffusion(
@@ -404,7 +407,7 @@ def parse_args(parser, argv=None, config_fallback=None, ignored_keys=frozenset()
     path = known.config or (config_fallback(known) if config_fallback is not None else None) or ""
     if path:
         values = read_config_file(path)
-        flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+        flags = _flag_actions(parser)
         unknown = sorted(set(values) - set(flags) - set(ignored_keys))
         if unknown:
             raise ValueError(
@@ -417,6 +420,17 @@ def parse_args(parser, argv=None, config_fallback=None, ignored_keys=frozenset()
     args = parser.parse_args(argv)
     args.config = path
     return args
+
+
+def read_typed_config(path, defaults):
+    """The values of `path`'s keys that are flags of `defaults`, converted by those flags' types as parse_args
+    converts them; other keys are left out."""
+    flags = _flag_actions(build_parser(defaults, ""))
+    return {k: _convert(flags[k], v, path) for k, v in read_config_file(path).items() if k in flags}
+
+
+def _flag_actions(parser):
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
 
 
 class _TextLoader(yaml.SafeLoader):
@@ -500,3 +514,40 @@ def _yaml_problem(error):
     parts = [(error.context, error.context_mark), (error.problem, error.problem_mark)]
     return ": ".join(text + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
                      for text, mark in parts if text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Super-resolution (scripts/super_res_train.py, scripts/super_res_sample.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+# channel_mult of the reference's upsamplers by --large_size; other sizes use DEFAULT_CHANNEL_MULT or --channel_mult.
+SR_CHANNEL_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
+
+
+def sr_model_and_diffusion_defaults():
+    """Model and diffusion flags of the super-resolution scripts: the reference's (large_size, small_size and the
+    U-Net and diffusion flags, defaults as for image models), plus channel_mult, use_new_attention_order and this
+    project's diffusion flags (sigma_small and the loss weighting: p2_gamma, p2_k, weighting, ...)."""
+    model = {k: v for k, v in model_defaults().items() if k != "image_size"}
+    return dict(
+        large_size=256,              # pixels per side of the output
+        small_size=64,               # pixels per side of the low-resolution input
+        **model,
+        **diffusion_defaults(),
+    )
+
+
+def sr_create_model_and_diffusion(num_classes=NUM_CLASSES, **kwargs):
+    """SuperResModel and diffusion from a dict holding every key of sr_model_and_diffusion_defaults().
+
+    channel_mult "" follows the reference's upsamplers for large_size 64, 256 and 512 (SR_CHANNEL_MULT).
+    """
+    large_size, small_size = kwargs["large_size"], kwargs["small_size"]
+    if not 0 < small_size <= large_size:
+        raise ValueError(
+            f"--small_size {small_size} must be between 1 and --large_size {large_size}: the model upsamples "
+            "small_size px inputs to large_size px outputs"
+        )
+    flags = {k: v for k, v in kwargs.items() if k not in ("large_size", "small_size")}
+    flags["channel_mult"] = kwargs["channel_mult"] or SR_CHANNEL_MULT.get(large_size, "")
+    return create_model_and_diffusion(num_classes, SuperResModel, image_size=large_size, **flags)

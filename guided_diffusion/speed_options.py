@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .script_util import str2bool
+from .super_res import SuperResModel
 from .unet import upsampling_layers
 
 # A rewritten form replaces the plain one only when it takes at most this share of the plain form's time: a
@@ -194,12 +195,12 @@ class _Measurement:
     def _choose_layout(self):
         model, n = self.model, self.batch_size
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn(n, model.in_channels, model.image_size, model.image_size, generator=generator)
+        x = torch.randn(n, _image_channels(model), model.image_size, model.image_size, generator=generator)
         t = torch.randint(0, 1000, (n,), generator=generator)
-        y = torch.zeros(n, dtype=torch.long) if model.num_classes is not None else None
+        kwargs = _conditioning(model, n)
         shapes = tuple(tuple(p.shape) for p in model.parameters())
         key = ("channels_last", self.training, tuple(x.shape), shapes)
-        step = self._step(lambda: model(x, t, y))
+        step = self._step(lambda: model(x, t, **kwargs))
         return self._faster("channels_last", key, lambda on: _set_layout(model, on), step, "the U-Net")
 
     def _choose_folds(self, layers):
@@ -227,11 +228,10 @@ class _Measurement:
             )
             for name, layer in layers.items()
         ]
-        x = torch.zeros(n, model.in_channels, model.image_size, model.image_size)
-        y = torch.zeros(n, dtype=torch.long) if model.num_classes is not None else None
+        x = torch.zeros(n, _image_channels(model), model.image_size, model.image_size)
         try:
             with torch.no_grad():
-                model(x, torch.zeros(n, dtype=torch.long), y)
+                model(x, torch.zeros(n, dtype=torch.long), **_conditioning(model, n))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -279,3 +279,18 @@ class _Measurement:
             f"{with_it * 1e3:.1f} ms with it, {without * 1e3:.1f} ms without"
         )
         return chosen
+
+
+def _image_channels(model):
+    """Channels of the x a forward pass takes (a SuperResModel's in_channels also count its low-resolution input)."""
+    return model.in_channels // 2 if isinstance(model, SuperResModel) else model.in_channels
+
+
+def _conditioning(model, n):
+    """The model kwargs of a timing pass: class 0 for a class-conditional model, and a SuperResModel's low_res
+    (a quarter of the size; its upsampling costs little beside the U-Net)."""
+    kwargs = {"y": torch.zeros(n, dtype=torch.long)} if model.num_classes is not None else {}
+    if isinstance(model, SuperResModel):
+        size = max(1, model.image_size // 4)
+        kwargs["low_res"] = torch.zeros(n, _image_channels(model), size, size)
+    return kwargs

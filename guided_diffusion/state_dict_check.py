@@ -76,6 +76,7 @@ def _model_kind(shapes):
     if any(key.startswith("input_blocks.") for key in shapes):
         return "classifier"
     return None
+_FIRST_CONV = "input_blocks.0.0.weight"  # [C, in_channels, 3, 3]
 
 
 def describe_mismatches(expected, found):
@@ -158,6 +159,8 @@ def _layer_kind(part_names):
 
 
 def _cause(key, model_shape, file_shape, expected, found, model_layouts, file_layouts):
+    if key == _FIRST_CONV and model_shape and file_shape and model_shape[1] != file_shape[1]:
+        return _input_channels_cause(model_shape[1], file_shape[1])
     if key.startswith("label_emb."):
         if model_shape is None:
             return "check --class_cond: the checkpoint is class-conditional; set --class_cond True"
@@ -182,6 +185,22 @@ def _cause(key, model_shape, file_shape, expected, found, model_layouts, file_la
             return f"check --use_scale_shift_norm: the checkpoint {verb} AdaGN; set it {needed}"
     if (model_shape and file_shape) or ".skip_connection." in key:
         return _CHANNELS_CAUSE
+    return _UNKNOWN_CAUSE
+
+
+def _input_channels_cause(model_channels, file_channels):
+    """A super-resolution checkpoint (its first conv also takes the upsampled low-resolution image: 2 x 3 input
+    channels) given to an image model, or the reverse."""
+    if file_channels == 2 * model_channels:
+        return (
+            f"check the script: the checkpoint's first conv takes {file_channels} input channels, the image and its "
+            "upsampled low-resolution input: a super-resolution model; sample it with scripts/super_res_sample.py"
+        )
+    if model_channels == 2 * file_channels:
+        return (
+            f"check the script: the checkpoint's first conv takes {file_channels} input channels, an image model, "
+            "not a super-resolution one; sample it with scripts/image_sample.py"
+        )
     return _UNKNOWN_CAUSE
 
 

@@ -19,12 +19,11 @@ stop after the current step with a checkpoint of it; the exit code is 128 + the 
 """
 
 import argparse
-import sys
 
 import image_train
 import numpy as np
 
-from guided_diffusion import checkpoint, dist_util, preemption
+from guided_diffusion import checkpoint, dist_util, run_lock
 from guided_diffusion.classifier_train_loop import ClassifierTrainLoop
 from guided_diffusion.classifier_util import (
     classifier_and_diffusion_defaults,
@@ -58,26 +57,7 @@ def main(argv=None):
     """
     args = parse_args(argv)
     check_flags(args)
-    dist_util.setup_dist()
-    loop = None
-    try:
-        loop, sources, config = build(args)
-        try:
-            if loop.rank == 0:
-                checkpoint.save_config(config["log_dir"], config)
-            loop.run_loop()
-        finally:
-            for source in sources:
-                source.close()
-            loop.logger.close()
-    except preemption.Stopped as stopped:
-        if loop.rank == 0:
-            advice = image_train._resume_advice(args, stopped.log_dir)
-            print(f"classifier_train.py: {stopped}; {advice}", file=sys.stderr, flush=True)
-        raise SystemExit(stopped.exit_code) from None
-    finally:
-        dist_util.cleanup()
-    return loop
+    return image_train.train(args, build, "classifier_train.py")
 
 
 def check_flags(args):
@@ -117,14 +97,21 @@ def resolve_config(args, rank, world_size):
     return config
 
 
-def build(args):
-    """(ClassifierTrainLoop, data sources to close, resolved config) in a joined process group."""
+def build(args, held):
+    """(ClassifierTrainLoop, training batches, resolved config) in a joined process group.
+
+    :param held: a contextlib.ExitStack that keeps the log dir's lock (rank 0 takes it for the job) and closes the
+        validation batches when it closes.
+    """
     rank, world_size = dist_util.rank_and_world_size()
     classes = check_classes(args.data_dir, "--data_dir")
     if args.val_data_dir:
         check_classes(args.val_data_dir, "--val_data_dir")
     config = resolve_config(args, rank, world_size)
     log_dir = config["log_dir"]
+    if rank == 0:
+        held.enter_context(run_lock.acquire(log_dir))
+    dist_util.barrier()  # no rank reads or writes the log dir before rank 0 holds it
     logger = Logger(log_dir, enabled=rank == 0)
     logger.info(f"log dir {log_dir}; a classifier of {NUM_CLASSES} outputs, trained on {classes} classes")
     resume_checkpoint = args.resume_checkpoint
@@ -138,6 +125,8 @@ def build(args):
               "num_workers": args.num_workers, "seed": args.seed}
     data = load_data(data_dir=args.data_dir, random_crop=True, **common)
     val_data = load_data(data_dir=args.val_data_dir, **common) if args.val_data_dir else None
+    if val_data is not None:
+        held.callback(val_data.close)
     loop = ClassifierTrainLoop(
         model=model,
         diffusion=diffusion,
@@ -162,7 +151,7 @@ def build(args):
         resume_may_change=RESUME_MAY_CHANGE if args.anneal_lr else RESUME_MAY_CHANGE | {"iterations"},
         logger=logger,
     )
-    return loop, [source for source in (data, val_data) if source is not None], config
+    return loop, data, config
 
 
 if __name__ == "__main__":

@@ -78,7 +78,10 @@ def default_sample_dir(args, sampler):
     return os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "_".join(parts))
 
 
-@script_main(interrupted="finished samples are kept in the sample folder; rerun the same command to resume")
+INTERRUPTED_ADVICE = "finished samples are kept in the sample folder; rerun the same command to resume"
+
+
+@script_main(interrupted=INTERRUPTED_ADVICE)
 def main(argv=None):
     """Run image_sample with `argv` (default sys.argv[1:]); returns the SamplingResult."""
     dist_util.setup_dist()
@@ -91,6 +94,16 @@ def main(argv=None):
 def sample_with_flags(argv):
     rank, world_size = dist_util.rank_and_world_size()
     args = parse_args(argv)
+    sampler, sample_dir = prepare(args, rank)
+    model, diffusion, identity = load_model_and_diffusion(args)
+    return sample(args, model, diffusion, identity, sampler, sample_dir, args.image_size, rank, world_size)
+
+
+def prepare(args, rank, dir_suffix=""):
+    """(sampler fields, sample folder) of parsed flags, checked before any model is loaded.
+
+    :param dir_suffix: appended to the default folder name (super_res_sample.py names its base samples).
+    """
     if not args.model_path:
         raise ValueError("--model_path is required: the checkpoint to sample from (e.g. ema_0.9999_100000.pt)")
     if rank == 0 and args.config:
@@ -98,11 +111,20 @@ def sample_with_flags(argv):
     churn = HeunChurn(args.heun_churn, args.heun_s_tmin, args.heun_s_tmax, args.heun_s_noise)
     sampler = resolve_sampler(args.sampler, args.steps, args.step_schedule, args.use_ddim, args.ddim_eta,
                               args.timestep_respacing, heun_churn=churn)
-    sample_dir = args.sample_dir or default_sample_dir(args, sampler)
+    sample_dir = args.sample_dir or default_sample_dir(args, sampler) + dir_suffix
     check_output_dir(sample_dir, "--sample_dir")  # before the model is loaded and any sample is made
-    model, diffusion, identity = load_model_and_diffusion(args)
+    return sampler, sample_dir
+
+
+def sample(args, model, diffusion, identity, sampler, sample_dir, image_size, rank, world_size, conditioning=None):
+    """Sample `model` into `sample_dir` as the flags say; returns the SamplingResult.
+
+    :param identity: what determines the pixels besides the sampling options (load_model_and_diffusion's, plus
+        what `conditioning` gives).
+    :param conditioning: None, or callable(indices) -> model kwargs of those samples (sampling.generate_batch).
+    """
     options = SamplingOptions(
-        image_size=args.image_size,
+        image_size=image_size,
         class_cond=args.class_cond,
         num_classes=model.num_classes or 0,
         **sampler,
@@ -126,6 +148,7 @@ def sample_with_flags(argv):
         rank=rank,
         world_size=world_size,
         barrier=dist_util.barrier,
+        conditioning=conditioning,
     )
     if rank == 0:
         label = sampler_label(options)

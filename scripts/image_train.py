@@ -104,17 +104,26 @@ def _decided_on_rank0(decide, rank, world_size):
     return value
 
 
-@script_main(interrupted="rerun with --resume_checkpoint auto --log_dir LOG_DIR to continue from its last checkpoint")
+INTERRUPTED_ADVICE = "rerun with --resume_checkpoint auto --log_dir LOG_DIR to continue from its last checkpoint"
+
+
+@script_main(interrupted=INTERRUPTED_ADVICE)
 def main(argv=None):
     """Train with `argv` (default sys.argv[1:]); returns the finished TrainLoop.
 
     :raises SystemExit: with 128 + the signal number after a stop signal (see the module docstring).
     """
-    args = parse_args(argv)
+    return train(parse_args(argv), build, "image_train.py")
+
+
+def train(args, build_run, script):
+    """Run a training script: `build_run(args, held)` -> (TrainLoop, data, config) in a joined process group (`held`:
+    an ExitStack keeping the log dir's lock until the run ends), the config saved, the loop run; a stop signal ends
+    it with SystemExit(128 + signal) after `script`'s resume advice."""
     dist_util.setup_dist(timeout_minutes=args.dist_timeout, timeout_flag="--dist_timeout")
     try:
         with contextlib.ExitStack() as held:
-            loop, data, config = build(args, held)
+            loop, data, config = build_run(args, held)
             try:
                 if loop.rank == 0:
                     checkpoint.save_config(config["log_dir"], config)
@@ -125,7 +134,7 @@ def main(argv=None):
     except preemption.Stopped as stopped:
         dist_util.cleanup()
         if loop.rank == 0:
-            print(f"image_train.py: {stopped}; {_resume_advice(args, stopped.log_dir)}", file=sys.stderr, flush=True)
+            print(f"{script}: {stopped}; {_resume_advice(args, stopped.log_dir)}", file=sys.stderr, flush=True)
         raise SystemExit(stopped.exit_code) from None
     # Only after every rank finished: on an error the group is left as it is (its teardown could wait for peers
     # that are gone) and script_main ends every rank.
@@ -141,10 +150,34 @@ def _resume_advice(args, log_dir):
     return f"to resume, rerun it with --resume_checkpoint {AUTO_RESUME} --log_dir {log_dir}"
 
 
-def build(args, held):
+def create_image_model(config):
+    """(UNetModel, diffusion) of the resolved flags."""
+    return create_model_and_diffusion(**{k: config[k] for k in model_and_diffusion_defaults()})
+
+
+def load_training_data(args, image_size):
+    """This rank's endless training batches of --data_dir, cropped to `image_size` px."""
+    return load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        image_size=image_size,
+        class_cond=args.class_cond,
+        random_flip=args.random_flip,
+        num_workers=args.num_workers,
+        seed=args.seed,
+    )
+
+
+def load_images(args):
+    return load_training_data(args, args.image_size)
+
+
+def build(args, held, create=create_image_model, load=load_images):
     """(TrainLoop, data iterator, resolved config) for parsed flags, in a joined process group.
 
     :param held: a contextlib.ExitStack that keeps the log dir's lock (rank 0 takes it for the job) until it closes.
+    :param create: resolved config -> (model, diffusion).
+    :param load: parsed flags -> this rank's batches (x, cond dict of model kwargs).
     :raises run_lock.LogDirError: when another run holds the log dir, or it cannot be a folder.
     """
     rank, world_size = dist_util.rank_and_world_size()
@@ -164,22 +197,15 @@ def build(args, held):
             logger.info(f"--resume_checkpoint auto: {log_dir} holds no complete checkpoint; starting at step 0")
 
     seed_everything(args.seed)  # the same initial weights on every rank
-    model, diffusion = create_model_and_diffusion(**{k: config[k] for k in model_and_diffusion_defaults()})
+    model, diffusion = create(config)
     logger.info(diffusion.loss_weighting.describe(diffusion.loss_weight, diffusion.loss_weight_scale))
     apply_speed_options(model, compile=args.compile, channels_last=args.channels_last, fold_upsample="auto",
                         device=dist_util.dev(), batch_size=args.microbatch if args.microbatch > 0 else args.batch_size,
                         training=True, log=logger.info)
     # Each rank draws its own timesteps and noise.
     seed_everything(int(np.random.SeedSequence([args.seed, rank]).generate_state(1)[0]))
-    data = load_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        random_flip=args.random_flip,
-        num_workers=args.num_workers,
-        seed=args.seed,
-    )
+    data = load(args)
+    eval_interval = getattr(args, "eval_interval", 0)  # super_res_train.py has no in-training evaluation
     loop = TrainLoop(
         model=model,
         diffusion=diffusion,
@@ -202,8 +228,8 @@ def build(args, held):
         keep_checkpoints=args.keep_checkpoints,
         config=config,
         logger=logger,
-        evaluator=build_evaluator(config, rank, world_size) if args.eval_interval > 0 else None,
-        eval_interval=args.eval_interval,
+        evaluator=build_evaluator(config, rank, world_size) if eval_interval > 0 else None,
+        eval_interval=eval_interval,
     )
     return loop, data, config
 
