@@ -6,7 +6,7 @@ its label (the reference's classifier_sample.py).
         --class_cond True --learn_sigma True --num_channels 256 --num_head_channels 64 --num_res_blocks 2 \
         --attention_resolutions 32,16,8 --resblock_updown True --use_scale_shift_norm True \
         --timestep_respacing 250 --num_samples 100 --batch_size 4
-    mpiexec -n 8 python scripts/classifier_sample.py ...      (or torchrun --nproc_per_node 8 ...)
+    mpiexec -n 8 python -m mpi4py scripts/classifier_sample.py ...   (or torchrun --nproc_per_node 8 ...)
 
 Flags: image_sample.py's (the model and diffusion flags, from the config.yaml beside --model_path when there is one),
 the classifier's (--classifier_width, --classifier_depth, ... as classifier_train.py took them, from the config.yaml

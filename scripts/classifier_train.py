@@ -4,7 +4,7 @@
         --anneal_lr True --batch_size 256 --lr 3e-4 --weight_decay 0.05 --image_size 128 \
         --classifier_attention_resolutions 32,16,8 --classifier_depth 2 --classifier_width 128 \
         --classifier_pool attention --classifier_resblock_updown True --classifier_use_scale_shift_norm True
-    mpiexec -n 8 python scripts/classifier_train.py ...              (or torchrun --nproc_per_node 8 ...)
+    mpiexec -n 8 python -m mpi4py scripts/classifier_train.py ...   (or torchrun --nproc_per_node 8 ...)
 
 Flag values: the defaults of guided_diffusion/classifier_util.py -> --config FILE (YAML) -> command-line flags.
 Every flag of the reference keeps its name and default; --batch_size is per rank. The class of an image is its file

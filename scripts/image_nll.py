@@ -3,7 +3,7 @@ of GaussianDiffusion.calc_bpd_loop, per image and per timestep.
 
     python scripts/image_nll.py --model_path runs/ffhq/ema_0.9999_100000.pt --data_dir data/ffhq_test \
         --num_samples 1000 --batch_size 8
-    mpiexec -n 8 python scripts/image_nll.py ...      (or torchrun --nproc_per_node 8 ...)
+    mpiexec -n 8 python -m mpi4py scripts/image_nll.py ...   (or torchrun --nproc_per_node 8 ...)
 
 Images: the first --num_samples of --data_dir (a folder or zip, listed as training lists them; "" = the bundled
 demo set; or a sample npz), centre-cropped to --image_size as training crops them and not flipped; all of them when

@@ -6,7 +6,7 @@ resuming as image_sample.py's.
         --num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True"
     python scripts/super_res_sample.py $MODEL_FLAGS --model_path models/64_256_upsampler.pt \
         --base_samples 64_samples.npz --batch_size 4 --num_samples 100 --timestep_respacing 250
-    mpiexec -n 8 python scripts/super_res_sample.py ...      (or torchrun --nproc_per_node 8 ...)
+    mpiexec -n 8 python -m mpi4py scripts/super_res_sample.py ...   (or torchrun --nproc_per_node 8 ...)
 
 --base_samples: an npz of image_sample.py (arr_0 uint8 [N, small_size, small_size, 3]; with --class_cond True also
 arr_1, the labels). Sample i upsamples base sample i mod N with its label, so --num_samples above N upsamples the

@@ -3,7 +3,7 @@
     python scripts/super_res_train.py --data_dir data/imagenet --large_size 256 --small_size 64 \
         --num_channels 192 --num_res_blocks 2 --attention_resolutions 32,16,8 --num_heads 4 \
         --resblock_updown True --use_scale_shift_norm True --learn_sigma True --class_cond True
-    mpiexec -n 8 python scripts/super_res_train.py ...               (or torchrun --nproc_per_node 8 ...)
+    mpiexec -n 8 python -m mpi4py scripts/super_res_train.py ...   (or torchrun --nproc_per_node 8 ...)
 
 The model (guided_diffusion/super_res.py) denoises --large_size crops of --data_dir conditioned on the same crop
 downsampled to --small_size by area averaging, as the reference makes its low-resolution input. Flags: the
