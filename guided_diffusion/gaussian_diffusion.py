@@ -543,11 +543,12 @@ class GaussianDiffusion:
         kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
         return mean_flat(kl_prior) / math.log(2.0)
 
-    def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None, noise_fn=None):
+    def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None, noise_fn=None, on_step=None):
         """The full variational bound in bits per dimension, term by term.
 
         :param noise_fn: callable x -> standard normal noise shaped like x, one draw per timestep (default
             torch.randn_like); per-sample generators plug in here.
+        :param on_step: None, or callable() run after each timestep (a progress bar).
         :return: dict with 'total_bpd' [N], 'prior_bpd' [N], and 'vb', 'xstart_mse', 'mse', each [N, T] with
             column j holding timestep T-1-j (the order the loop visits them, as in ADM).
         """
@@ -566,6 +567,8 @@ class GaussianDiffusion:
             xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
             eps = self._predict_eps_from_xstart(x_t, t_batch, out["pred_xstart"])
             mse.append(mean_flat((eps - noise) ** 2))
+            if on_step is not None:
+                on_step()
 
         vb, xstart_mse, mse = (torch.stack(terms, dim=1) for terms in (vb, xstart_mse, mse))
         prior_bpd = self._prior_bpd(x_start)

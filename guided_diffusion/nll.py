@@ -24,6 +24,7 @@ import re
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import fileio
 from .analysis import to_model_range
@@ -36,17 +37,19 @@ SUMMARY_FILE = "nll.json"
 _PART_NAME = re.compile(r"^bpd_\d+_\d+\.npz$")
 
 
-def image_bpd(model, diffusion, images, indices, seed, clip_denoised=True, model_kwargs=None, device="cpu"):
+def image_bpd(model, diffusion, images, indices, seed, clip_denoised=True, model_kwargs=None, device="cpu",
+              on_step=None):
     """calc_bpd_loop of images `indices`, with each image's noise from the generator of (seed, index).
 
     :param images: uint8 [B, H, W, 3].
+    :param on_step: None, or callable() run after each timestep.
     :return: {"index": int64 [B], "total_bpd", "prior_bpd": float32 [B], "vb", "mse", "xstart_mse": float32 [B, T]}.
     """
     x = to_model_range(images, device)
     noise = PerSampleGenerator(seed, indices, device)
     with torch.no_grad():
         out = diffusion.calc_bpd_loop(model, x, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                                      noise_fn=noise.randn_like)
+                                      noise_fn=noise.randn_like, on_step=on_step)
     result = {key: out[key].float().cpu().numpy() for key in (*PER_IMAGE, *TERMS)}
     return {"index": np.asarray(indices, dtype=np.int64), **result}
 
@@ -158,12 +161,20 @@ def bpd_to_folder(model, diffusion, image_set, labels, num_images, batch_size, o
     if rank == 0:
         folder.record_run(identity, num_images)
     barrier()
-    for batches in plan_batches(missing, batch_size, world_size):
-        if rank < len(batches):
-            indices = batches[rank]
-            model_kwargs = {} if labels is None else {"y": torch.from_numpy(labels[indices]).to(device)}
-            folder.write_part(image_bpd(model, diffusion, image_set.load(indices), indices, seed, clip_denoised,
-                                        model_kwargs, device))
+    with tqdm(total=len(missing), unit="image", disable=rank != 0, desc="bits/dim",
+              bar_format="{l_bar}{bar}| {n:.1f}/{total} images [{elapsed}<{remaining}]") as bar:
+        done = 0
+        for batches in plan_batches(missing, batch_size, world_size):
+            # Rank 0 advances the bar for every rank's batch of this round, a fraction per timestep.
+            done += sum(len(b) for b in batches)
+            per_step = sum(len(b) for b in batches) / diffusion.num_timesteps
+            if rank < len(batches):
+                indices = batches[rank]
+                model_kwargs = {} if labels is None else {"y": torch.from_numpy(labels[indices]).to(device)}
+                folder.write_part(image_bpd(model, diffusion, image_set.load(indices), indices, seed, clip_denoised,
+                                            model_kwargs, device, on_step=lambda: bar.update(per_step)))
+            bar.n = done  # exact at the end of each round, whatever the float sum of the fractions
+            bar.refresh()
     barrier()
     summary = None
     if rank == 0:

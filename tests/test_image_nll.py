@@ -79,11 +79,11 @@ def test_interrupted_run_resumes_without_redoing_finished_images(checkpoint, tmp
     evaluated = []
     real_image_bpd = nll.image_bpd
 
-    def interrupted_after_one_batch(model, diffusion, images, indices, *args):
+    def interrupted_after_one_batch(model, diffusion, images, indices, *args, **kwargs):
         if evaluated:
             raise KeyboardInterrupt
         evaluated.append(list(indices))
-        return real_image_bpd(model, diffusion, images, indices, *args)
+        return real_image_bpd(model, diffusion, images, indices, *args, **kwargs)
 
     monkeypatch.setattr(nll, "image_bpd", interrupted_after_one_batch)
     with pytest.raises(SystemExit) as stopped:
@@ -92,9 +92,9 @@ def test_interrupted_run_resumes_without_redoing_finished_images(checkpoint, tmp
     first_part = tmp_path / "resumed" / "parts" / "bpd_000000_2.npz"
     written = first_part.stat().st_mtime_ns
 
-    def counting(model, diffusion, images, indices, *args):
+    def counting(model, diffusion, images, indices, *args, **kwargs):
         evaluated.append(list(indices))
-        return real_image_bpd(model, diffusion, images, indices, *args)
+        return real_image_bpd(model, diffusion, images, indices, *args, **kwargs)
 
     monkeypatch.setattr(nll, "image_bpd", counting)
     resumed = run_nll(checkpoint, tmp_path / "resumed", "--num_samples", "4", "--batch_size", "2")

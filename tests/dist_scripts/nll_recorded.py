@@ -28,12 +28,12 @@ def main():
     evaluated = []
     original_image_bpd, original_savez = nll.image_bpd, np.savez
 
-    def recorded_image_bpd(model, diffusion, images, indices, *args):
+    def recorded_image_bpd(model, diffusion, images, indices, *args, **kwargs):
         evaluated.append([int(i) for i in indices])
         rank = dist_util.rank_and_world_size()[0]
         with open(os.path.join(record_dir, f"rank{rank}.json"), "w") as f:
             json.dump(evaluated, f)
-        return original_image_bpd(model, diffusion, images, indices, *args)
+        return original_image_bpd(model, diffusion, images, indices, *args, **kwargs)
 
     def savez_or_die(file, *args, **arrays):
         if "index" in arrays and len(evaluated) == kill_after + 1:  # a part file of that batch
