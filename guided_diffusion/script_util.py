@@ -551,3 +551,19 @@ def sr_create_model_and_diffusion(num_classes=NUM_CLASSES, **kwargs):
     flags = {k: v for k, v in kwargs.items() if k not in ("large_size", "small_size")}
     flags["channel_mult"] = kwargs["channel_mult"] or SR_CHANNEL_MULT.get(large_size, "")
     return create_model_and_diffusion(num_classes, SuperResModel, image_size=large_size, **flags)
+
+
+# The reference's script_util also held the classifier's flags and factories; they live in classifier_util (which
+# imports this module), and are served from here on first use so that reference-style imports keep working:
+# `from guided_diffusion.script_util import create_classifier, classifier_defaults`.
+_CLASSIFIER_NAMES = frozenset({
+    "classifier_defaults", "classifier_and_diffusion_defaults", "create_classifier", "create_classifier_and_diffusion",
+})
+
+
+def __getattr__(name):
+    if name in _CLASSIFIER_NAMES:
+        from . import classifier_util
+
+        return getattr(classifier_util, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

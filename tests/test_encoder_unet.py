@@ -170,3 +170,20 @@ def test_bad_flags_and_inputs_are_refused():
         model(x, t)
     with pytest.raises(ValueError, match="timesteps has shape"):
         model(inputs()[0], torch.tensor([1]))
+
+
+def test_reference_style_imports_from_script_util_give_the_classifier_factories():
+    from guided_diffusion import classifier_util
+    from guided_diffusion.script_util import (
+        classifier_and_diffusion_defaults,
+        classifier_defaults,
+        create_classifier,
+        create_classifier_and_diffusion,
+    )
+
+    assert create_classifier is classifier_util.create_classifier
+    assert classifier_defaults is classifier_util.classifier_defaults
+    assert classifier_and_diffusion_defaults is classifier_util.classifier_and_diffusion_defaults
+    assert create_classifier_and_diffusion is classifier_util.create_classifier_and_diffusion
+    with pytest.raises(ImportError):
+        from guided_diffusion.script_util import create_classifer  # noqa: F401 (misspelt on purpose)
