@@ -11,9 +11,9 @@ KID of a resample: the unbiased MMD² of clean-fid's cubic kernel k(x, y) = (x·
 and all the reference images (no random subsets, so a resample's value is exact), from the Gram K_gg [n, n], the
 row means of K_gr and the off-diagonal mean of K_rr.
 
-Bootstrap (two levels): each draw resamples the seeds with replacement and, within each seed drawn, the generated
-images (the same image indices for every arm: sample i of every run starts from the same noise). The intervals
-cover the variation from seed to seed and from the finite sample of images; not the reference set's, and not the
+Bootstrap (two levels; percentile intervals centred on the estimate, centred_interval): each draw resamples the
+seeds with replacement and, within each seed drawn, the generated images (the same image indices for every arm:
+sample i of every run starts from the same noise). The intervals cover the variation from seed to seed and from the finite sample of images; not the reference set's, and not the
 choice of sampler or evaluation step. With 3 seeds the seed level has only 10 distinct resamples: the intervals are
 coarse, and a paired difference that wins on 3 of 3 seeds is suggestive, not proof.
 """
@@ -135,8 +135,20 @@ def percentile_interval(draws, level):
     return float(low), float(high)
 
 
+def centred_interval(draws, point, level):
+    """percentile_interval of the draws moved so that their mean is the point estimate `point`.
+
+    A resample repeats some images and leaves others out, so its FID is biased upward (fewer distinct images make
+    a noisier covariance); the plain percentile interval would then lie above the FID of the full set. Moving the
+    draws by their bias keeps their spread and centres the interval on the estimate reported.
+    """
+    draws = np.asarray(draws, dtype=np.float64)
+    return percentile_interval(draws - (draws.mean() - point), level)
+
+
 def summarise_step(point, values, baseline, level):
-    """Per arm at one eval step: mean over seeds with its interval, and the paired difference to `baseline`.
+    """Per arm at one eval step: mean over seeds with its interval, and the paired difference to `baseline`
+    (centred_interval: bootstrap percentile intervals centred on the estimates).
 
     :param point: {arm: [S] the metric of each seed's full feature set}.
     :param values: {arm: [B, S] bootstrap values} (bootstrap_values).
@@ -146,12 +158,13 @@ def summarise_step(point, values, baseline, level):
     summary = {}
     for arm, per_seed in point.items():
         per_seed = np.asarray(per_seed, dtype=np.float64)
-        low, high = percentile_interval(values[arm].mean(axis=1), level)
+        low, high = centred_interval(values[arm].mean(axis=1), per_seed.mean(), level)
         row = {"mean": float(per_seed.mean()), "low": low, "high": high, "per_seed": per_seed.tolist(),
                    "diff": None, "diff_low": None, "diff_high": None, "wins": None}
         if arm != baseline:
             differences = per_seed - np.asarray(point[baseline])
-            diff_low, diff_high = percentile_interval((values[arm] - values[baseline]).mean(axis=1), level)
+            diff_low, diff_high = centred_interval((values[arm] - values[baseline]).mean(axis=1),
+                                                   differences.mean(), level)
             row.update(diff=float(differences.mean()), diff_low=diff_low, diff_high=diff_high,
                        wins=int((differences < 0).sum()))
         summary[arm] = row

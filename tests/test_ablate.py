@@ -1,4 +1,4 @@
-"""scripts/ablate.py: arms and study flags, paired draws, resume of a killed study, exact fast FID, bootstrap coverage."""
+"""scripts/ablate.py: arms and study flags, paired draws, resume of a killed study, fast FID, bootstrap coverage."""
 
 import json
 import os
@@ -181,7 +181,7 @@ def standin(tmp_path_factory):
 
 
 def _study_argv(base_config, standin, out_dir, cache_dir):
-    return ["--base_config", base_config, "--arms", "baseline", "p2:gamma=1", "--seeds", "0", "1",
+    return ["--base_config", base_config, "--arms", "baseline", "p2:gamma=1", "--seeds", "0",
             "--max_steps", "4", "--eval_steps", "2", "4", "--num_samples", "6", "--eval_batch_size", "6",
             "--sampler", "ddim", "--sampler_steps", "3", "--inception_path", standin, "--cache_dir", str(cache_dir),
             "--bootstrap_draws", "40", "--out_dir", str(out_dir)]
