@@ -20,8 +20,8 @@ from guided_diffusion.study_stats import (
     FeatureSetTerms,
     ReferenceTerms,
     bootstrap_values,
+    centred_interval,
     cubic_kernel,
-    percentile_interval,
     resample_plan,
 )
 
@@ -82,7 +82,9 @@ def base_config(tmp_path_factory):
     (["--ci_level", "95"], "--ci_level 95.0 must lie strictly between 0 and 1"),
 ])
 def test_study_flag_errors_name_the_flag(base_config, tmp_path, flags, expected):
-    argv = ["--base_config", base_config, "--max_steps", "4", "--eval_steps", "4", *flags]
+    # A network that does not exist: a check that let the study through would fail at once, on another message.
+    argv = ["--base_config", base_config, "--max_steps", "4", "--eval_steps", "4",
+            "--inception_path", str(tmp_path / "no_network.pt"), *flags]
     if expected != "--out_dir is required":
         argv += ["--out_dir", str(tmp_path / "study")]
     with pytest.raises(SystemExit) as exit_info:
@@ -101,7 +103,8 @@ def test_study_config_errors(base_config, tmp_path):
     resampled = tmp_path / "resampled.yaml"
     resampled.write_text(f"base: {base_config}\nschedule_sampler: loss-second-moment\n")
     with pytest.raises(SystemExit) as exit_info:
-        ablate.main(["--base_config", str(resampled), "--out_dir", str(tmp_path / "study")])
+        ablate.main(["--base_config", str(resampled), "--max_steps", "4", "--eval_steps", "4",
+                     "--inception_path", str(tmp_path / "no_network.pt"), "--out_dir", str(tmp_path / "study")])
     assert "schedule_sampler 'loss-second-moment'" in str(exit_info.value)
     assert "use schedule_sampler: uniform" in str(exit_info.value)
 
@@ -305,6 +308,6 @@ def test_bootstrap_interval_covers_the_true_mean_at_its_stated_rate():
         values = rng.normal(loc=3.0, scale=2.0, size=30)
         plan = resample_plan(len(values), 0, 200, seed=trial)
         draws = bootstrap_values({"arm": lambda seed, counts, v=values: v[seed]}, plan)["arm"].mean(axis=1)
-        low, high = percentile_interval(draws, 0.95)
+        low, high = centred_interval(draws, values.mean(), 0.95)
         covered += low <= 3.0 <= high
     assert 0.90 <= covered / trials <= 0.98
