@@ -1,8 +1,8 @@
 """Run a paired-seed ablation study of loss weightings: every arm x every seed trained, evaluated and compared.
 
     python scripts/ablate.py --config configs/studies/emoji_cpu.yaml --out_dir studies/emoji_cpu
-    python scripts/ablate.py --config configs/studies/emoji_cpu.yaml --out_dir studies/quick --seeds 0 1 --max_steps 500 \
-        --eval_steps 250 500
+    python scripts/ablate.py --config configs/studies/emoji_cpu.yaml --out_dir studies/quick --seeds 0 1 \
+        --max_steps 500 --eval_steps 250 500
     python scripts/ablate.py --base_config configs/demo.yaml --arms baseline p2:gamma=1 min_snr:snr_gamma=5 \
         --seeds 0 1 2 --out_dir studies/mine
 
