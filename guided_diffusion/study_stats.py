@@ -14,7 +14,8 @@ row means of K_gr and the off-diagonal mean of K_rr.
 Bootstrap (two levels; percentile intervals centred on the estimate, centred_interval): each draw resamples the
 seeds with replacement and, within each seed drawn, the generated images (the same image indices for every arm:
 sample i of every run starts from the same noise). The intervals cover the variation from seed to seed and from
-the finite sample of images; not the reference set's, and not the choice of sampler or evaluation step. With 3 seeds the seed level has only 10 distinct resamples: the intervals are
+the finite sample of images; not the reference set's, and not the choice of sampler or evaluation step. With 3
+seeds the seed level has only 10 distinct resamples: the intervals are
 coarse, and a paired difference that wins on 3 of 3 seeds is suggestive, not proof.
 """
 
