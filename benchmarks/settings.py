@@ -7,7 +7,10 @@ from guided_diffusion.script_util import model_and_diffusion_defaults
 PHASES = ("train", "sample")
 REFERENCE_SETTING = "reference"
 EAGER_SETTING = "eager"
-SETTING_OPTIONS = ("compile", "channels_last", "nofold", "auto", "bf16")
+# The loss weightings a setting may name instead of the config's P2 (γ = 1, k = 1); "normalize" adds
+# --normalize_weights True. They change one table lookup of the loss, so their step times should equal eager's.
+WEIGHTING_OPTIONS = ("min_snr", "soft_min_snr", "sigmoid", "edm", "constant")
+SETTING_OPTIONS = ("compile", "channels_last", "nofold", "auto", "bf16", *WEIGHTING_OPTIONS, "normalize")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class Setting:
     channels_last: object = False  # NHWC memory order of the 4-D weights (and the activations); "auto": measured
     fold_upsample: object = True   # nearest x2 upsample folded into the next conv; False: plain; "auto": measured
     precision: str = "fp32"      # fp32, or bf16 autocast
+    weighting: str = "p2"        # --weighting of the loss (p2: the config's γ and k)
+    normalize_weights: bool = False
 
     @property
     def matmul_dtype(self):
@@ -77,10 +82,12 @@ def parse_setting(name):
         return Setting(name)
     options = name.split("+")
     unknown = [o for o in options if o not in SETTING_OPTIONS]
-    if unknown or len(set(options)) != len(options):
+    weightings = [o for o in options if o in WEIGHTING_OPTIONS]
+    if unknown or len(set(options)) != len(options) or len(weightings) > 1:
         raise ValueError(
             f"setting {name!r} is not understood: use {REFERENCE_SETTING!r}, {EAGER_SETTING!r}, or a '+'-joined "
-            f"set of {', '.join(SETTING_OPTIONS)} (e.g. compile+channels_last)"
+            f"set of {', '.join(SETTING_OPTIONS)} with at most one weighting (e.g. compile+channels_last, "
+            "min_snr+normalize)"
         )
     return Setting(
         name,
@@ -88,6 +95,8 @@ def parse_setting(name):
         channels_last="auto" if "auto" in options else "channels_last" in options,
         fold_upsample="auto" if "auto" in options else "nofold" not in options,
         precision="bf16" if "bf16" in options else "fp32",
+        weighting=weightings[0] if weightings else "p2",
+        normalize_weights="normalize" in options,
     )
 
 
@@ -97,9 +106,14 @@ def get_config(name):
     return CONFIGS[name]
 
 
-def model_flags(config):
-    """Every model and diffusion flag of `config` (defaults filled in)."""
-    return {**model_and_diffusion_defaults(), **config.flags}
+def model_flags(config, setting=None):
+    """Every model and diffusion flag of `config` (defaults filled in), with the loss weighting of `setting`."""
+    flags = {**model_and_diffusion_defaults(), **config.flags}
+    if setting is not None and setting.weighting != "p2":
+        flags.update(weighting=setting.weighting, p2_gamma=0.0)
+    if setting is not None:
+        flags["normalize_weights"] = setting.normalize_weights
+    return flags
 
 
 def train_loop_arguments(config):

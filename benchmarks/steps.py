@@ -47,7 +47,7 @@ def _build_model(config, setting, device, seed, memory, training):
     taken once the model is on its device, before the options change it. Also what the options left on the model
     (speed_options.applied_speed_options), which the report records per setting."""
     seed_everything(seed)
-    model, diffusion = create_model_and_diffusion(**model_flags(config))
+    model, diffusion = create_model_and_diffusion(**model_flags(config, setting))
     model.to(device)
     memory.set_baseline()
     batch_size = config.batch_size if training else config.sample_batch_size

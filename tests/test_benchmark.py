@@ -7,12 +7,14 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import benchmarks.__main__ as cli
 from benchmarks import probes, reference, report, run, settings, timing
 from guided_diffusion.respace import space_timesteps
+from guided_diffusion.script_util import create_model_and_diffusion
 
 REFERENCE_PATH = os.environ.get("P2_REFERENCE_PATH", "")
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,9 +30,21 @@ def test_settings_parse_into_options():
     assert (plain.channels_last, plain.fold_upsample) == (False, False)
     auto = settings.parse_setting("auto")   # what image_train.py and image_sample.py choose by default
     assert (auto.channels_last, auto.fold_upsample) == ("auto", "auto")
-    for bad in ("fast", "default", "compile+compile", "eager+compile"):
+    for bad in ("fast", "default", "compile+compile", "eager+compile", "min_snr+edm"):
         with pytest.raises(ValueError, match="not understood"):
             settings.parse_setting(bad)
+
+
+def test_weighting_settings_train_with_their_weighting():
+    config = settings.get_config("tiny16")
+    _, eager = create_model_and_diffusion(**settings.model_flags(config, settings.parse_setting("eager")))
+    min_snr = settings.parse_setting("channels_last+min_snr+normalize")
+    assert (min_snr.weighting, min_snr.normalize_weights, min_snr.channels_last) == ("min_snr", True, True)
+    _, diffusion = create_model_and_diffusion(**settings.model_flags(config, min_snr))
+    snr = eager.alphas_cumprod / (1 - eager.alphas_cumprod)
+    np.testing.assert_allclose(eager.loss_weight, 1 / (1 + snr))                    # the config's P2, γ = k = 1
+    raw = np.minimum(snr, 5.0) / snr
+    np.testing.assert_allclose(diffusion.loss_weight, raw / raw.mean())
 
 
 def test_plan_check_names_the_bad_flag():
