@@ -165,6 +165,10 @@ def test_training_low_res_is_the_area_average_of_the_batch_and_resume_state_pass
     assert x is batch and torch.equal(cond["y"], torch.tensor([0, 1]))
     block_means = batch.reshape(2, 3, 2, 2, 2, 2).mean(dim=(3, 5))  # each 2x2 block
     assert torch.equal(cond["low_res"], block_means)
+    # At a factor of 4 too, on images that are not a ramp (bilinear would average only the middle 2x2 of each 4x4).
+    noisy = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    quarter = next(LowResBatches(Batches(noisy), small_size=1))[1]["low_res"]
+    torch.testing.assert_close(quarter, noisy.mean(dim=(2, 3), keepdim=True))
     data.load_state_dict({"epoch": 7})
     assert data.state_dict() == {"epoch": 7}
     data.close()
