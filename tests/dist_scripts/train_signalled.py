@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -31,8 +32,15 @@ def main():
 
     def signalled_optimize(self, log_now):
         if self.step + 1 == step and ranks == "wait":
+            # Wrap the installed handler before announcing the wait, and poll: a signal that arrives between the
+            # announcement and a signal.pause() would otherwise be missed and the rank would wait for ever.
+            number, received = getattr(signal, "SIG" + name), []
+            handler = signal.getsignal(number)
+            signal.signal(number, lambda signum, frame: (received.append(signum), handler(signum, frame)))
             open(os.path.join(out_dir, f"waiting_rank{self.rank}"), "w").close()
-            signal.pause()
+            while not received:
+                time.sleep(0.01)
+            signal.signal(number, handler)
         elif self.step + 1 == step and ranks in ("all", str(self.rank)):
             os.kill(os.getpid(), getattr(signal, "SIG" + name))
         optimize(self, log_now)
