@@ -7,7 +7,8 @@
 #
 #   --out DIR         where every result goes (a new or empty folder; default gpu_check_<date>_<time>)
 #   --reference PATH  a clone of jychoi118/P2-weighting: adds the reference code to the benchmark (needs mpi4py)
-#   --budget SECONDS  wall-clock limit of the whole check (default 570; --dry: 240); no part runs past it
+#   --budget SECONDS  wall-clock limit of the whole check (default 570; --dry: 600, with limits generous enough for
+#                     a busy CPU); no part runs past it
 #   --parts LIST      run only these of tests,train,sample,benchmark,benchmark_compile (default: all; train
 #                     includes data; sample needs train), e.g. to rerun a part that timed out
 #   --dry             CPU rehearsal (CI runs it, so the script cannot rot): the CUDA tests are collected and skipped,
@@ -64,9 +65,9 @@ while [ $# -gt 0 ]; do
 done
 
 if [ "$DRY" = 1 ]; then
-    BUDGET=${BUDGET:-240}
+    BUDGET=${BUDGET:-600}
     export CUDA_VISIBLE_DEVICES=""   # a CPU rehearsal, also on a machine with a GPU
-    LIMITS="env=30 tests=60 data=30 train=60 sample=60 benchmark=60 benchmark_compile=60"
+    LIMITS="env=60 tests=180 data=60 train=180 sample=120 benchmark=120 benchmark_compile=120"  # a busy CPU too
     IMAGES=16 SIZE=32 STEPS=4 SAMPLES=2 RESPACING=5
     TRAIN_FLAGS="--image_size 32 --num_channels 32 --channel_mult 1,2 --attention_resolutions 16
         --num_head_channels 32 --diffusion_steps 100 --batch_size 4 --log_interval 2 --num_workers 0"

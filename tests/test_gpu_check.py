@@ -22,7 +22,7 @@ PARTS = ["env", "tests", "data", "train", "sample", "benchmark", "benchmark_comp
 def run_check(out, *args, **env):
     return subprocess.run(
         ["bash", SCRIPT, "--out", str(out), *args], env={**os.environ, "PYTHON": sys.executable, **env},
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True, text=True, timeout=700, check=False,
     )
 
 
