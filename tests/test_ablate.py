@@ -16,6 +16,7 @@ from train_fixtures import TINY_TRAIN_FLAGS, make_image_folder
 from guided_diffusion import ablation, evaluation, study_eval
 from guided_diffusion.checkpoint import state_dict_fingerprint
 from guided_diffusion.respace import SpacedDiffusion
+from guided_diffusion.script_util import create_gaussian_diffusion, diffusion_defaults
 from guided_diffusion.study_stats import (
     FeatureSetTerms,
     ReferenceTerms,
@@ -311,3 +312,22 @@ def test_bootstrap_interval_covers_the_true_mean_at_its_stated_rate():
         low, high = centred_interval(draws, values.mean(), 0.95)
         covered += low <= 3.0 <= high
     assert 0.90 <= covered / trials <= 0.98
+
+
+@pytest.mark.parametrize("study", ["emoji_cpu.yaml", "gpu.yaml"])
+def test_bundled_study_configs_plan_runs_that_image_train_accepts(study, tmp_path):
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "studies", study)
+    args = ablate.parse_args(["--config", path, "--out_dir", str(tmp_path)])
+    arms = ablation.check_study(args)
+    study_eval.sampler_fields(args)
+    runs = ablation.plan_runs(arms, args.seeds, args.out_dir)
+    assert len(runs) == len(arms) * len(args.seeds) == 12 and len({run.name for run in runs}) == 12
+    for run in runs:
+        command = ablation.train_command(run, args)
+        flags = command[command.index(next(c for c in command if c.endswith("image_train.py"))) + 1:]
+        parsed = image_train.parse_args(flags)   # every flag and the base config chain are valid
+        diffusion_flags = {k: getattr(parsed, k) for k in diffusion_defaults() if k != "diffusion_steps"}
+        diffusion = create_gaussian_diffusion(steps=parsed.diffusion_steps, **diffusion_flags)  # the weighting checks
+        assert diffusion.loss_weighting.name == run.arm.flags.get("weighting", "p2")
+        assert (parsed.max_steps, parsed.seed) == (args.max_steps, run.seed)
+        assert args.max_steps % parsed.save_interval == 0 and all(s % parsed.save_interval == 0 for s in args.eval_steps)
