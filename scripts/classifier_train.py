@@ -23,7 +23,7 @@ import argparse
 import image_train
 import numpy as np
 
-from guided_diffusion import checkpoint, dist_util, run_lock
+from guided_diffusion import dist_util
 from guided_diffusion.classifier_train_loop import ClassifierTrainLoop
 from guided_diffusion.classifier_util import (
     classifier_and_diffusion_defaults,
@@ -32,7 +32,6 @@ from guided_diffusion.classifier_util import (
 )
 from guided_diffusion.cli import script_main
 from guided_diffusion.image_datasets import class_labels, load_data, open_image_source
-from guided_diffusion.logger import Logger
 from guided_diffusion.script_util import NUM_CLASSES, build_parser
 from guided_diffusion.script_util import parse_args as parse_flags
 from guided_diffusion.train_util import seed_everything
@@ -109,15 +108,8 @@ def build(args, held):
         check_classes(args.val_data_dir, "--val_data_dir")
     config = resolve_config(args, rank, world_size)
     log_dir = config["log_dir"]
-    if rank == 0:
-        held.enter_context(run_lock.acquire(log_dir))
-    dist_util.barrier()  # no rank reads or writes the log dir before rank 0 holds it
-    logger = Logger(log_dir, enabled=rank == 0)
-    logger.info(f"log dir {log_dir}; a classifier of {NUM_CLASSES} outputs, trained on {classes} classes")
-    resume_checkpoint = args.resume_checkpoint
-    if resume_checkpoint == image_train.AUTO_RESUME:
-        resume_checkpoint = image_train._decided_on_rank0(lambda: checkpoint.resolve_auto_resume(log_dir), rank,
-                                                          world_size)
+    logger, resume_checkpoint = image_train.open_log_dir(
+        args, log_dir, held, rank, world_size, f"a classifier of {NUM_CLASSES} outputs, trained on {classes} classes")
     seed_everything(args.seed)  # the same initial weights on every rank
     model, diffusion = create_classifier_and_diffusion(**{k: config[k] for k in classifier_and_diffusion_defaults()})
     seed_everything(int(np.random.SeedSequence([args.seed, rank]).generate_state(1)[0]))  # per-rank t and noise

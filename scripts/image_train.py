@@ -182,19 +182,8 @@ def build(args, held, create=create_image_model, load=load_images):
     """
     rank, world_size = dist_util.rank_and_world_size()
     config = resolve_config(args, rank, world_size)
-    log_dir = config["log_dir"]
-    if rank == 0:
-        held.enter_context(run_lock.acquire(log_dir))
-    dist_util.barrier()  # no rank reads or writes the log dir before rank 0 holds it
-    logger = Logger(log_dir, enabled=rank == 0)
-    logger.info(f"log dir {log_dir}; creating the model and diffusion")
-    if dist_util.describe():
-        logger.info(f"process group: {dist_util.describe()}")
-    resume_checkpoint = args.resume_checkpoint
-    if resume_checkpoint == AUTO_RESUME:
-        resume_checkpoint = _decided_on_rank0(lambda: checkpoint.resolve_auto_resume(log_dir), rank, world_size)
-        if not resume_checkpoint:
-            logger.info(f"--resume_checkpoint auto: {log_dir} holds no complete checkpoint; starting at step 0")
+    logger, resume_checkpoint = open_log_dir(args, config["log_dir"], held, rank, world_size,
+                                             "creating the model and diffusion")
 
     seed_everything(args.seed)  # the same initial weights on every rank
     model, diffusion = create(config)
@@ -218,7 +207,7 @@ def build(args, held, create=create_image_model, load=load_images):
         save_interval=args.save_interval,
         save_interval_minutes=args.save_interval_minutes,
         resume_checkpoint=resume_checkpoint,
-        log_dir=log_dir,
+        log_dir=config["log_dir"],
         fp16_scale_growth=args.fp16_scale_growth,
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         weight_decay=args.weight_decay,
@@ -232,6 +221,28 @@ def build(args, held, create=create_image_model, load=load_images):
         eval_interval=eval_interval,
     )
     return loop, data, config
+
+
+def open_log_dir(args, log_dir, held, rank, world_size, what):
+    """Take `log_dir` for this run and open its log: (Logger, the checkpoint to resume from or "").
+
+    Rank 0 locks the folder for the whole run (the lock stays in `held`) before any rank touches it; the logger
+    writes on rank 0 only; --resume_checkpoint auto becomes the newest complete checkpoint, decided on rank 0.
+    :param what: what the run does next, for the first log line.
+    """
+    if rank == 0:
+        held.enter_context(run_lock.acquire(log_dir))
+    dist_util.barrier()  # no rank reads or writes the log dir before rank 0 holds it
+    logger = Logger(log_dir, enabled=rank == 0)
+    logger.info(f"log dir {log_dir}; {what}")
+    if dist_util.describe():
+        logger.info(f"process group: {dist_util.describe()}")
+    resume_checkpoint = args.resume_checkpoint
+    if resume_checkpoint == AUTO_RESUME:
+        resume_checkpoint = _decided_on_rank0(lambda: checkpoint.resolve_auto_resume(log_dir), rank, world_size)
+        if not resume_checkpoint:
+            logger.info(f"--resume_checkpoint auto: {log_dir} holds no complete checkpoint; starting at step 0")
+    return logger, resume_checkpoint
 
 
 def build_evaluator(config, rank, world_size):
