@@ -33,10 +33,10 @@ from .script_util import (
     model_and_diffusion_defaults,
     parse_args,
     read_config_file,
-    read_typed_config,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
     train_flag_defaults,
+    typed_config_values,
 )
 from .state_dict_check import load_state_dict_checked
 from .torch_files import read_checkpoint_file
@@ -122,9 +122,10 @@ def classifier_flags_beside(classifier_path):
     """The classifier flags (and image_size) of the config.yaml classifier_train.py saved beside `classifier_path`,
     {} without one: classifier_sample.py's defaults for them, below any --config and the command line."""
     beside = _config_beside(classifier_path)
-    if not beside or not _is_classifier_run(read_config_file(beside)):
+    config = read_config_file(beside) if beside else {}
+    if not _is_classifier_run(config):
         return {}
-    return read_typed_config(beside, classifier_defaults())
+    return typed_config_values(config, classifier_defaults(), beside)
 
 
 def load_model_and_diffusion(args, kind=IMAGE_MODEL):
@@ -167,9 +168,10 @@ def load_classifier(args):
 def _check_classifier_process(args):
     """Refuse a classifier whose saved config says it learned another diffusion process than the one sampled."""
     beside = _config_beside(args.classifier_path)
-    if not beside or not _is_classifier_run(read_config_file(beside)):
+    config = read_config_file(beside) if beside else {}
+    if not _is_classifier_run(config):
         return
-    trained = read_typed_config(beside, {key: model_and_diffusion_defaults()[key] for key in PROCESS_FLAGS})
+    trained = typed_config_values(config, {key: model_and_diffusion_defaults()[key] for key in PROCESS_FLAGS}, beside)
     differing = [key for key in PROCESS_FLAGS if key in trained and trained[key] != getattr(args, key)]
     if differing:
         raise ValueError(

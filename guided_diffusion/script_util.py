@@ -422,11 +422,11 @@ def parse_args(parser, argv=None, config_fallback=None, ignored_keys=frozenset()
     return args
 
 
-def read_typed_config(path, defaults):
-    """The values of `path`'s keys that are flags of `defaults`, converted by those flags' types as parse_args
-    converts them; other keys are left out."""
+def typed_config_values(values, defaults, path):
+    """The entries of `values` (read_config_file of `path`) that are flags of `defaults`, converted by those flags'
+    types as parse_args converts them; other keys are left out."""
     flags = _flag_actions(build_parser(defaults, ""))
-    return {k: _convert(flags[k], v, path) for k, v in read_config_file(path).items() if k in flags}
+    return {k: _convert(flags[k], v, path) for k, v in values.items() if k in flags}
 
 
 def _flag_actions(parser):
