@@ -492,7 +492,14 @@ def kernel_inception_distance(sample_features, reference_features, seed=KID_SEED
         np.random.set_state(state)
 
 
-def evaluate(
+def evaluate(samples, reference, network, *args, **kwargs):
+    """FID and/or KID of `samples` (npz/folder/zip path or uint8 [N, H, W, 3]) against `reference` (the same kinds,
+    a statistics npz, or clean-fid's "name:res:split"). Returns the results dict evaluate.py writes as JSON; a
+    metric not asked for is None. Further arguments: those of evaluate_with_features."""
+    return evaluate_with_features(samples, reference, network, *args, **kwargs)[0]
+
+
+def evaluate_with_features(
     samples,
     reference,
     network,
@@ -502,9 +509,8 @@ def evaluate(
     num_workers=0,
     device="cpu",
 ):
-    """FID and/or KID of `samples` (npz/folder/zip path or uint8 [N, H, W, 3]) against `reference` (the same kinds,
-    a statistics npz, or clean-fid's "name:res:split"). Returns the results dict evaluate.py writes as JSON; a
-    metric not asked for is None."""
+    """evaluate(), also returning the samples' features: (results dict, features float32 [N, D]), for statistics
+    that need the images one by one (sweeps.paired_differences)."""
     metrics = check_metrics(metrics)
     if image_source_kind(samples) == "npz_images":  # a wrong SAMPLES argument fails before the reference side
         check_npz_images(samples)
@@ -545,7 +551,7 @@ def evaluate(
             kid_subset_size=min(len(sample_features), len(reference_stats.features), KID_MAX_SUBSET_SIZE),
             kid_seed=KID_SEED,
         )
-    return results
+    return results, sample_features
 
 
 def _check_counts(num_samples, num_reference):

@@ -23,6 +23,7 @@ import dataclasses
 
 import numpy as np
 import scipy.linalg
+from tqdm.auto import tqdm
 
 
 def cubic_kernel(x, y):
@@ -115,14 +116,16 @@ def resample_plan(num_seeds, num_images, draws, seed):
     return ResamplePlan(seed_picks, counts)
 
 
-def bootstrap_values(metrics, plan):
+def bootstrap_values(metrics, plan, progress=None):
     """Per draw and position, each arm's metric of the seed drawn there on the images drawn there.
 
     :param metrics: {arm: callable(seed position, counts [n] or None) -> float}.
+    :param progress: a tqdm label to show the draws done, or None for no bar.
     :return: {arm: [B, S] float64}; mean over axis 1 is the draw's mean over seeds.
     """
     values = {arm: np.empty(plan.seed_picks.shape) for arm in metrics}
-    for b, picks in enumerate(plan.seed_picks):
+    draws = plan.seed_picks if progress is None else tqdm(plan.seed_picks, progress, unit="draw", dynamic_ncols=True)
+    for b, picks in enumerate(draws):
         for k, seed in enumerate(picks):
             counts = None if plan.counts is None else plan.counts[b, k]
             for arm, metric in metrics.items():

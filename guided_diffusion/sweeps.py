@@ -1,12 +1,18 @@
 """What the sweep scripts (scripts/sweep_schedules.py, scripts/sweep_samplers.py) share: sample one configuration into
-its resumable folder and score it, count its network evaluations, and write the table as md, csv and json."""
+its resumable folder and score it (keeping its Inception features), count its network evaluations, compare
+configurations image by image (paired bootstrap), and write the tables as md, csv and json."""
 
 import os
 
+import numpy as np
+
 from . import evaluation
 from .analysis import CountingNetwork
-from .fileio import write_csv, write_json, write_text
+from .fileio import atomic_write, write_csv, write_json, write_text
 from .sampling import generate_batch, sample_to_folder
+from .study_stats import FeatureSetTerms, ReferenceTerms, bootstrap_values, resample_plan, summarise_step
+
+PAIRED_LEVEL = 0.95  # central interval of the paired differences
 
 
 def flag_defaults(num_samples):
@@ -33,15 +39,62 @@ def sample_and_score(model, diffusion, identity, options, sample_dir, args, netw
 
     :param args: the sweep's flags: num_samples, batch_size, reference, metrics, cache_dir.
     :param network: the feature network (inception.load_feature_network).
-    :return: dict with the table fields num_samples, fid, kid, kid_x1e3, samples (npz path), feature_network.
+    :return: dict with the table fields num_samples, fid, kid, kid_x1e3, samples (npz path), features (npz path of
+        the samples' features [N, D], float32, under the key "features"; paired_differences reads it),
+        feature_network.
     """
     result = sample_to_folder(model, diffusion, options, num_samples=args.num_samples, batch_size=args.batch_size,
                               sample_dir=sample_dir, identity=identity, device=device)
-    metrics = evaluation.evaluate(result.npz_path, args.reference, network, metrics=args.metrics,
-                                  cache_dir=args.cache_dir, batch_size=args.batch_size, device=str(device))
-    evaluation.save_results_json(metrics, os.path.splitext(result.npz_path)[0] + "_metrics.json")
+    metrics, features = evaluation.evaluate_with_features(result.npz_path, args.reference, network,
+                                                          metrics=args.metrics, cache_dir=args.cache_dir,
+                                                          batch_size=args.batch_size, device=str(device))
+    stem = os.path.splitext(result.npz_path)[0]
+    evaluation.save_results_json(metrics, stem + "_metrics.json")
+    atomic_write(stem + "_features.npz", lambda f: np.savez(f, features=features))
     return {"num_samples": result.num_samples, "fid": metrics["fid"], "kid": metrics["kid"],
-            "kid_x1e3": metrics["kid_x1e3"], "samples": result.npz_path, "feature_network": metrics["feature_network"]}
+            "kid_x1e3": metrics["kid_x1e3"], "samples": result.npz_path, "features": stem + "_features.npz",
+            "feature_network": metrics["feature_network"]}
+
+
+def paired_differences(rows, baseline, reference_stats, draws, seed=0):
+    """FID and KID × 10³ of each row minus the baseline row's, with paired bootstrap intervals over the images.
+
+    Sample i of every configuration starts from the same x_T, so the images of two configurations are pairs. Each
+    bootstrap draw takes n image indices with replacement and scores every configuration on those same indices
+    (study_stats: exact FID and KID of a resample); the interval is the central PAIRED_LEVEL percentile interval of
+    the drawn differences, centred on the difference of the full sets. It covers the finite sample of images
+    (their x_T), not the reference set's finiteness nor other training runs.
+
+    :param rows: table rows (sample_and_score) with "features"; rows[baseline] is the baseline.
+    :param reference_stats: evaluation.FeatureStatistics of the reference with its features.
+    :return: one dict per row: fid, fid_diff, fid_diff_low, fid_diff_high and the same for kid_x1e3 (the
+        baseline's differences are None); FID and KID are the exact values of the full feature sets.
+    """
+    reference = ReferenceTerms.from_statistics(reference_stats)
+    terms = [FeatureSetTerms(_load_features(row["features"]), reference) for row in rows]
+    sizes = {t.n for t in terms}
+    if len(sizes) != 1:
+        raise ValueError(f"paired configurations hold different numbers of samples {sorted(sizes)}")
+    plan = resample_plan(1, sizes.pop(), draws, seed)
+    found = [{} for _ in rows]
+    for metric, method, scale in (("fid", "fid", 1.0), ("kid_x1e3", "kid", 1e3)):
+        point = {i: [getattr(t, method)() * scale] for i, t in enumerate(terms)}
+        functions = {i: _scaled_metric(t, method, scale) for i, t in enumerate(terms)}
+        summary = summarise_step(point, bootstrap_values(functions, plan, progress=f"paired {metric}"), baseline,
+                                 PAIRED_LEVEL)
+        for i, row in summary.items():
+            found[i].update({metric: row["mean"], f"{metric}_diff": row["diff"], f"{metric}_diff_low": row["diff_low"],
+                             f"{metric}_diff_high": row["diff_high"]})
+    return found
+
+
+def _scaled_metric(terms, method, scale):
+    return lambda _seed, counts: getattr(terms, method)(counts) * scale
+
+
+def _load_features(path):
+    with np.load(path) as data:
+        return evaluation.npz_array(data, "features", path)
 
 
 def network_evaluations_per_image(model, diffusion, options, device="cpu"):
