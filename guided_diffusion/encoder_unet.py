@@ -18,7 +18,7 @@ from torch import nn
 
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import normalization, timestep_embedding, zero_module
-from .unet import AttentionBlock, Downsample, ResBlock, TimestepEmbedSequential
+from .unet import AttentionBlock, ResBlock, build_encoder
 
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 SPATIAL_HIDDEN = 2048  # width of the spatial heads' hidden layer (the reference's)
@@ -132,32 +132,14 @@ class EncoderUNetModel(nn.Module):
             "use_new_attention_order": use_new_attention_order,
         }
 
-        # Each entry of `blocks` is one TimestepEmbedSequential; `feature_widths` lists their output channels.
-        blocks = [[nn.Conv2d(in_channels, widths[0], 3, padding=1)]]
-        feature_widths = [widths[0]]
-        rate = 1  # downsample rate ds of the current level
-        for level, width in enumerate(widths):
-            for _ in range(num_res_blocks):
-                layers = [ResBlock(feature_widths[-1], emb_channels, dropout, out_channels=width, **block_options)]
-                if rate in self.attention_resolutions:
-                    layers.append(AttentionBlock(width, **attention_options))
-                blocks.append(layers)
-                feature_widths.append(width)
-            if level < self.num_downsamples:
-                blocks.append([
-                    ResBlock(width, emb_channels, dropout, down=True, **block_options)
-                    if resblock_updown
-                    else Downsample(width, use_conv=True)
-                ])
-                feature_widths.append(width)
-                rate *= 2
-        self.input_blocks = nn.ModuleList(TimestepEmbedSequential(*layers) for layers in blocks)
-        channels = widths[-1]
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(channels, emb_channels, dropout, **block_options),
-            AttentionBlock(channels, **attention_options),
-            ResBlock(channels, emb_channels, dropout, **block_options),
+        def res_block(channels, out, **updown):
+            return ResBlock(channels, emb_channels, dropout, out_channels=out, **updown, **block_options)
+
+        self.input_blocks, self.middle_block, feature_widths, rate = build_encoder(
+            in_channels, widths, num_res_blocks, self.attention_resolutions, resblock_updown, res_block,
+            lambda channels: AttentionBlock(channels, **attention_options),
         )
+        channels = widths[-1]
         self.out = self._head(pool, channels, sum(feature_widths) + channels, image_size // rate, num_head_channels)
 
     def _head(self, pool, channels, spatial_features, final_size, num_head_channels):

@@ -214,6 +214,39 @@ class AttentionBlock(nn.Module):
         return x + h.transpose(1, 2).unflatten(2, spatial)
 
 
+def build_encoder(in_channels, level_channels, num_res_blocks, attention_resolutions, resblock_updown, res_block,
+                  attention):
+    """The input blocks and middle block that UNetModel and the classifier (encoder_unet.EncoderUNetModel) share, made
+    in the reference's order (which fixes the checkpoint keys and what a seeded initialisation draws).
+
+    :param level_channels: channels of each level, e.g. [128, 256, 256] for channel_mult (1, 2, 2) at width 128.
+    :param attention_resolutions: downsample rates ds after whose ResBlocks attention runs.
+    :param res_block: callable(channels in, channels out, **{"down": True}) -> ResBlock.
+    :param attention: callable(channels) -> AttentionBlock.
+    :return: (input_blocks nn.ModuleList, middle_block, skip_channels [output channels of each input block],
+        ds the downsample rate at the middle block).
+    """
+    ch = level_channels[0]
+    input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+    skip_channels = [ch]
+    ds = 1
+    for level, level_ch in enumerate(level_channels):
+        for _ in range(num_res_blocks):
+            layers = [res_block(ch, level_ch)]
+            ch = level_ch
+            if ds in attention_resolutions:
+                layers.append(attention(ch))
+            input_blocks.append(TimestepEmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != len(level_channels) - 1:
+            down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, use_conv=True)
+            input_blocks.append(TimestepEmbedSequential(down))
+            skip_channels.append(ch)
+            ds *= 2
+    middle_block = TimestepEmbedSequential(res_block(ch, ch), attention(ch), res_block(ch, ch))
+    return input_blocks, middle_block, skip_channels, ds
+
+
 class UNetModel(nn.Module):
     """The ADM U-Net with timestep (and optional class) conditioning. Constructor arguments as the reference's, less
     `dims` (images only) and `conv_resample` (no flag turns off the plain up/down blocks' learned 3×3 convs).
@@ -310,25 +343,12 @@ class UNetModel(nn.Module):
                 use_new_attention_order=use_new_attention_order,
             )
 
-        ch = input_ch = level_channels[0]
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
-        skip_channels = [ch]
-        ds = 1
-        for level, level_ch in enumerate(level_channels):
-            for _ in range(num_res_blocks):
-                layers = [res_block(ch, level_ch)]
-                ch = level_ch
-                if ds in self.attention_resolutions:
-                    layers.append(attention(ch, num_heads))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != self.num_downsamples:
-                down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, use_conv=True)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                skip_channels.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepEmbedSequential(res_block(ch, ch), attention(ch, num_heads), res_block(ch, ch))
+        self.input_blocks, self.middle_block, skip_channels, ds = build_encoder(
+            in_channels, level_channels, num_res_blocks, self.attention_resolutions, resblock_updown, res_block,
+            lambda channels: attention(channels, num_heads),
+        )
+        input_ch = level_channels[0]
+        ch = level_channels[-1]
 
         self.output_blocks = nn.ModuleList([])
         for level, level_ch in reversed(list(enumerate(level_channels))):
