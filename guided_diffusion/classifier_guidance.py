@@ -9,8 +9,19 @@ gradient depends on that sample alone (the classifier has no batch statistics), 
 (guided_diffusion/sampling.py) holds with guidance too. The few-step samplers (ode_samplers.py) take no cond_fn.
 """
 
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+
+class Guidance(NamedTuple):
+    """What guided sampling adds to plain sampling (scripts/image_sample.py's sample): every sample draws a label from
+    `num_classes`, `cond_fn` (None: labels only) steers it, and `description` ends the summary line."""
+
+    cond_fn: Callable | None
+    num_classes: int
+    description: str
 
 
 def classifier_cond_fn(classifier, scale):

@@ -28,14 +28,13 @@ import image_sample
 
 from guided_diffusion import dist_util
 from guided_diffusion.classifier_guidance import (
+    Guidance,
     check_guidance_flags,
     classifier_cond_fn,
     guidance_num_classes,
-    label_passing_model,
 )
 from guided_diffusion.classifier_util import classifier_defaults
 from guided_diffusion.cli import script_main
-from guided_diffusion.fileio import check_output_dir
 from guided_diffusion.model_loading import (
     check_model_path,
     checkpoint_parser,
@@ -45,10 +44,7 @@ from guided_diffusion.model_loading import (
     parse_checkpoint_args,
 )
 from guided_diffusion.precision import network_at_precision
-from guided_diffusion.sampler_flags import resolve_sampler, sampler_label
-from guided_diffusion.sampling import SamplingOptions, sample_to_folder
 from guided_diffusion.script_util import sample_defaults
-from guided_diffusion.speed_options import apply_speed_options
 
 
 def classifier_sample_defaults():
@@ -64,12 +60,7 @@ def parse_args(argv=None):
     return parse_checkpoint_args(parser, argv)
 
 
-def default_sample_dir(args, sampler):
-    """image_sample.py's folder name with the scale appended: samples_<checkpoint>_<schedule>..._classifier<s>."""
-    return f"{image_sample.default_sample_dir(args, sampler)}_classifier{args.classifier_scale:g}"
-
-
-@script_main(interrupted="finished samples are kept in the sample folder; rerun the same command to resume")
+@script_main(interrupted=image_sample.INTERRUPTED_ADVICE)
 def main(argv=None):
     """Run classifier_sample with `argv` (default sys.argv[1:]); returns the SamplingResult."""
     dist_util.setup_dist()
@@ -83,11 +74,9 @@ def sample_with_flags(argv):
     rank, world_size = dist_util.rank_and_world_size()
     args = parse_args(argv)
     check_model_path(args.model_path)  # before its name makes the output folder's
-    sampler = resolve_sampler(args.sampler, args.steps, args.step_schedule, args.use_ddim, args.ddim_eta,
-                              args.timestep_respacing)
+    # image_sample.py's folder name with the scale appended: samples_<checkpoint>_<schedule>..._classifier<s>.
+    sampler, sample_dir = image_sample.prepare(args, rank, dir_suffix=f"_classifier{args.classifier_scale:g}")
     check_guidance_flags(args.class_cond, args.classifier_path, args.classifier_scale, sampler["sampler"])
-    sample_dir = args.sample_dir or default_sample_dir(args, sampler)
-    check_output_dir(sample_dir, "--sample_dir")  # before the models are loaded and any sample is made
     model, diffusion, identity = load_model_and_diffusion(args)
     cond_fn, classes = None, None
     if args.classifier_path:
@@ -96,37 +85,10 @@ def sample_with_flags(argv):
         network = network_at_precision(classifier, args.precision, dist_util.dev())
         cond_fn = classifier_cond_fn(network, args.classifier_scale)
         identity = {**identity, **classifier_identity, "classifier_scale": args.classifier_scale}
-    options = SamplingOptions(
-        image_size=args.image_size,
-        class_cond=True,
-        num_classes=guidance_num_classes(model.num_classes, classes),
-        **sampler,
-        clip_denoised=args.clip_denoised,
-        precision=args.precision,
-        seed=args.seed,
-    )
-    apply_speed_options(model, compile=args.compile, channels_last=args.channels_last, fold_upsample="auto",
-                        device=dist_util.dev(), batch_size=args.batch_size)
-    result = sample_to_folder(
-        label_passing_model(model, args.class_cond),
-        diffusion,
-        options,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        sample_dir=sample_dir,
-        identity=identity,
-        device=dist_util.dev(),
-        rank=rank,
-        world_size=world_size,
-        barrier=dist_util.barrier,
-        cond_fn=cond_fn,
-    )
-    if rank == 0:
-        guidance = f"classifier scale {args.classifier_scale:g}" if cond_fn else "no classifier"
-        print(f"{result.num_samples} samples ({result.num_generated} generated now; {sampler_label(options)}, "
-              f"{result.steps_per_sample} steps, {guidance}) -> {result.npz_path} | PNGs: {result.images_dir} | "
-              f"grid: {result.grid_path}", flush=True)
-    return result
+    guidance = Guidance(cond_fn, guidance_num_classes(model.num_classes, classes),
+                        f"classifier scale {args.classifier_scale:g}" if cond_fn else "no classifier")
+    return image_sample.sample(args, model, diffusion, identity, sampler, sample_dir, args.image_size, rank,
+                               world_size, guidance=guidance)
 
 
 if __name__ == "__main__":

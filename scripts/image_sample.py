@@ -30,6 +30,7 @@ EDM used for its ImageNet-64 ADM-architecture model (256 steps):
 import os
 
 from guided_diffusion import dist_util
+from guided_diffusion.classifier_guidance import label_passing_model
 from guided_diffusion.cli import script_main
 from guided_diffusion.fileio import check_output_dir
 from guided_diffusion.model_loading import checkpoint_parser, load_model_and_diffusion, parse_checkpoint_args
@@ -116,17 +117,20 @@ def prepare(args, rank, dir_suffix=""):
     return sampler, sample_dir
 
 
-def sample(args, model, diffusion, identity, sampler, sample_dir, image_size, rank, world_size, conditioning=None):
+def sample(args, model, diffusion, identity, sampler, sample_dir, image_size, rank, world_size, conditioning=None,
+           guidance=None):
     """Sample `model` into `sample_dir` as the flags say; returns the SamplingResult.
 
     :param identity: what determines the pixels besides the sampling options (load_model_and_diffusion's, plus
-        what `conditioning` gives).
+        what `conditioning` and `guidance` give).
     :param conditioning: None, or callable(indices) -> model kwargs of those samples (sampling.generate_batch).
+    :param guidance: None, or classifier_guidance.Guidance: every sample gets a label, which an unconditional model
+        is not given, and its cond_fn steers the samples (scripts/classifier_sample.py).
     """
     options = SamplingOptions(
         image_size=image_size,
-        class_cond=args.class_cond,
-        num_classes=model.num_classes or 0,
+        class_cond=args.class_cond or guidance is not None,
+        num_classes=guidance.num_classes if guidance else model.num_classes or 0,
         **sampler,
         clip_denoised=args.clip_denoised,
         precision=args.precision,
@@ -137,7 +141,7 @@ def sample(args, model, diffusion, identity, sampler, sample_dir, image_size, ra
     apply_speed_options(model, compile=args.compile, channels_last=args.channels_last, fold_upsample="auto",
                         device=dist_util.dev(), batch_size=args.batch_size)
     result = sample_to_folder(
-        model,
+        label_passing_model(model, args.class_cond) if guidance else model,
         diffusion,
         options,
         num_samples=args.num_samples,
@@ -149,13 +153,15 @@ def sample(args, model, diffusion, identity, sampler, sample_dir, image_size, ra
         world_size=world_size,
         barrier=dist_util.barrier,
         conditioning=conditioning,
+        cond_fn=guidance.cond_fn if guidance else None,
     )
     if rank == 0:
         label = sampler_label(options)
+        guided = f", {guidance.description}" if guidance else ""
         print(
             f"{result.num_samples} samples ({result.num_generated} generated now; {label}, {result.steps_per_sample} "
-            f"steps, {result.evaluations_per_sample} network evaluations each, {result.network_evaluations} in total) "
-            f"-> {result.npz_path} | "
+            f"steps, {result.evaluations_per_sample} network evaluations each, {result.network_evaluations} in total"
+            f"{guided}) -> {result.npz_path} | "
             f"PNGs: {result.images_dir} | grid: {result.grid_path}",
             flush=True,
         )

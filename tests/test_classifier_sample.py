@@ -117,16 +117,18 @@ def test_guidance_raises_the_classifiers_log_p_of_the_samples(trained, use_ddim)
     classifier = tiny_classifier()
     classifier.load_state_dict(torch.load(trained[1], weights_only=True))
     classifier.eval().requires_grad_(False)
+    torch.manual_seed(0)  # the model's initial weights, whatever ran before
     model, diffusion = tiny_model_and_diffusion(timestep_respacing="10")
     network = label_passing_model(perturb_(model).eval(), class_cond=False)
     options = SamplingOptions(image_size=16, class_cond=True, num_classes=2, use_ddim=use_ddim)  # the trained classes
     mean_log_p = {}
     for scale in (0.0, 10.0):
-        images, labels = generate_batch(network, diffusion, list(range(8)), options, "cpu",
+        images, labels = generate_batch(network, diffusion, list(range(32)), options, "cpu",
                                         classifier_cond_fn(classifier, scale))
         x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         mean_log_p[scale] = log_prob_of_labels(classifier, x0, torch.from_numpy(labels)).mean().item()
-    assert mean_log_p[10.0] > mean_log_p[0.0] + 0.2, mean_log_p
+    # Measured gains over model seeds 0-3: 0.16-0.21 (ancestral), 0.28-0.33 (DDIM); a flipped sign gives < 0.
+    assert mean_log_p[10.0] > mean_log_p[0.0] + 0.1, mean_log_p
 
 
 @pytest.mark.slow
