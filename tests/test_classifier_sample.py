@@ -180,6 +180,7 @@ def test_refused_requests_end_with_one_line(trained, models, tmp_path):
         ((models[0], None, "--classifier_scale", "0"), {}, "unconditional model without --classifier_path"),
         ((models[0], trained[1], "--sampler", "heun"), {"timestep_respacing": ""},
          "--sampler heun takes no classifier"),
+        ((models[0], trained[1], "--heun_churn", "5"), {}, "--sampler ancestral and --heun_churn 5 do not go together"),
         ((models[0], os.path.join(trained[0], f"state{TRAINING_STEPS:06d}.pt")), {},
          f"training-state file; use the weights saved beside it: model{TRAINING_STEPS:06d}.pt"),
         ((models[0], trained[1], "--classifier_depth", "2"), {}, "check --classifier_depth"),
