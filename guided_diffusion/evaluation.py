@@ -128,6 +128,17 @@ def open_npz(path):
         yield data
 
 
+def save_features(path, features):
+    """Write the features [N, D] of one image set as an npz holding the array "features" (atomically)."""
+    atomic_write(path, lambda file: np.savez(file, features=features))
+
+
+def load_features(path):
+    """The features [N, D] save_features wrote to `path`; an unreadable file is an EvaluationError naming it."""
+    with open_npz(path) as data:
+        return npz_array(data, "features", path)
+
+
 def npz_array(data, key, path):
     """data[key] of an open npz; an object array (never unpickled) or a damaged member is an EvaluationError."""
     try:

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from . import checkpoint, evaluation, inception
-from .fileio import atomic_write, write_json
+from .fileio import write_json
 from .image_datasets import DEMO_DATASET
 from .model_loading import (
     checkpoint_parser,
@@ -91,7 +91,7 @@ class StudyEvaluator:
         features = self._features(model_path)
         features_path, json_path = self.paths(run, step)
         os.makedirs(os.path.dirname(features_path), exist_ok=True)
-        atomic_write(features_path, lambda f: np.savez(f, features=features))
+        evaluation.save_features(features_path, features)
         terms = FeatureSetTerms(features, self.reference_terms)
         kid = terms.kid()
         result = {"run": run.name, "arm": run.arm.spec, "seed": run.seed, "step": step, "fid": terms.fid(), "kid": kid,
@@ -102,8 +102,7 @@ class StudyEvaluator:
 
     def features(self, run, step):
         """The cached features [N, D] of (run, step)."""
-        with evaluation.open_npz(self.paths(run, step)[0]) as data:
-            return evaluation.npz_array(data, "features", self.paths(run, step)[0])
+        return evaluation.load_features(self.paths(run, step)[0])
 
     def terms(self, run, step):
         """FeatureSetTerms of the cached features of (run, step) (study_stats: FID and KID of resamples)."""

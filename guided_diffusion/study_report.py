@@ -17,7 +17,7 @@ from .checkpoint import read_config
 from .fileio import write_csv, write_json, write_text
 from .logger import read_progress
 from .plotting import plt, save_figure
-from .study_stats import bootstrap_values, resample_plan, summarise_step
+from .study_stats import resample_plan, summarise_metrics
 
 METRICS = (("fid", "FID"), ("kid_x1e3", "KID x 10³"))
 STAGES = ("coarse", "content", "cleanup")
@@ -26,24 +26,14 @@ CSV_COLUMNS = ("kind", "arm", "seed", "step", "images_seen", "metric", "value", 
 
 
 def summarise(args, arms, runs, evaluator, baseline):
-    """{step: {metric: {arm spec: summary}}} (study_stats.summarise_step), bootstrapping the cached features."""
+    """{step: {metric: {arm spec: summary}}} (study_stats.summarise_metrics), bootstrapping the cached features."""
     plan = resample_plan(len(args.seeds), args.num_samples, args.bootstrap_draws, args.bootstrap_seed)
     by_arm = {arm.spec: [run for run in runs if run.arm.spec == arm.spec] for arm in arms}
     steps = {}
     for step in sorted(args.eval_steps):
         terms = {spec: [evaluator.terms(run, step) for run in arm_runs] for spec, arm_runs in by_arm.items()}
-        steps[step] = {}
-        for metric, _ in METRICS:
-            scale = 1e3 if metric == "kid_x1e3" else 1.0
-            method = "kid" if metric == "kid_x1e3" else "fid"
-            point = {spec: [getattr(t, method)() * scale for t in ts] for spec, ts in terms.items()}
-            functions = {spec: _metric_function(ts, method, scale) for spec, ts in terms.items()}
-            steps[step][metric] = summarise_step(point, bootstrap_values(functions, plan), baseline, args.ci_level)
+        steps[step] = summarise_metrics(terms, plan, baseline, args.ci_level)
     return steps
-
-
-def _metric_function(terms, method, scale):
-    return lambda seed, counts: getattr(terms[seed], method)(counts) * scale
 
 
 def global_batch(run):

@@ -173,3 +173,26 @@ def summarise_step(point, values, baseline, level):
                        wins=int((differences < 0).sum()))
         summary[arm] = row
     return summary
+
+
+METRIC_SCALES = {"fid": ("fid", 1.0), "kid_x1e3": ("kid", 1e3)}  # reported metric: (FeatureSetTerms method, scale)
+
+
+def summarise_metrics(terms, plan, baseline, level, progress=None):
+    """summarise_step of FID and of KID × 10³ for every arm, from the same resamples.
+
+    :param terms: {arm: [FeatureSetTerms of each seed]}, the seeds in the plan's positions.
+    :param progress: a label for the draws' progress bars (one per metric), or None for none.
+    :return: {"fid": {arm: summary}, "kid_x1e3": {arm: summary}}.
+    """
+    found = {}
+    for metric, (method, scale) in METRIC_SCALES.items():
+        point = {arm: [getattr(t, method)() * scale for t in ts] for arm, ts in terms.items()}
+        functions = {arm: _metric_of_seed(ts, method, scale) for arm, ts in terms.items()}
+        label = None if progress is None else f"{progress} {metric}"
+        found[metric] = summarise_step(point, bootstrap_values(functions, plan, label), baseline, level)
+    return found
+
+
+def _metric_of_seed(terms, method, scale):
+    return lambda seed, counts: getattr(terms[seed], method)(counts) * scale

@@ -4,13 +4,11 @@ configurations image by image (paired bootstrap), and write the tables as md, cs
 
 import os
 
-import numpy as np
-
 from . import evaluation
 from .analysis import CountingNetwork
-from .fileio import atomic_write, write_csv, write_json, write_text
+from .fileio import write_csv, write_json, write_text
 from .sampling import generate_batch, sample_to_folder
-from .study_stats import FeatureSetTerms, ReferenceTerms, bootstrap_values, resample_plan, summarise_step
+from .study_stats import FeatureSetTerms, ReferenceTerms, resample_plan, summarise_metrics
 
 PAIRED_LEVEL = 0.95  # central interval of the paired differences
 
@@ -50,7 +48,7 @@ def sample_and_score(model, diffusion, identity, options, sample_dir, args, netw
                                                           batch_size=args.batch_size, device=str(device))
     stem = os.path.splitext(result.npz_path)[0]
     evaluation.save_results_json(metrics, stem + "_metrics.json")
-    atomic_write(stem + "_features.npz", lambda f: np.savez(f, features=features))
+    evaluation.save_features(stem + "_features.npz", features)
     return {"num_samples": result.num_samples, "fid": metrics["fid"], "kid": metrics["kid"],
             "kid_x1e3": metrics["kid_x1e3"], "samples": result.npz_path, "features": stem + "_features.npz",
             "feature_network": metrics["feature_network"]}
@@ -71,30 +69,17 @@ def paired_differences(rows, baseline, reference_stats, draws, seed=0):
         baseline's differences are None); FID and KID are the exact values of the full feature sets.
     """
     reference = ReferenceTerms.from_statistics(reference_stats)
-    terms = [FeatureSetTerms(_load_features(row["features"]), reference) for row in rows]
-    sizes = {t.n for t in terms}
+    terms = {i: [FeatureSetTerms(evaluation.load_features(row["features"]), reference)] for i, row in enumerate(rows)}
+    sizes = {ts[0].n for ts in terms.values()}
     if len(sizes) != 1:
         raise ValueError(f"paired configurations hold different numbers of samples {sorted(sizes)}")
-    plan = resample_plan(1, sizes.pop(), draws, seed)
+    plan = resample_plan(1, sizes.pop(), draws, seed)  # one "seed": image resampling only
     found = [{} for _ in rows]
-    for metric, method, scale in (("fid", "fid", 1.0), ("kid_x1e3", "kid", 1e3)):
-        point = {i: [getattr(t, method)() * scale] for i, t in enumerate(terms)}
-        functions = {i: _scaled_metric(t, method, scale) for i, t in enumerate(terms)}
-        summary = summarise_step(point, bootstrap_values(functions, plan, progress=f"paired {metric}"), baseline,
-                                 PAIRED_LEVEL)
+    for metric, summary in summarise_metrics(terms, plan, baseline, PAIRED_LEVEL, progress="paired").items():
         for i, row in summary.items():
             found[i].update({metric: row["mean"], f"{metric}_diff": row["diff"], f"{metric}_diff_low": row["diff_low"],
                              f"{metric}_diff_high": row["diff_high"]})
     return found
-
-
-def _scaled_metric(terms, method, scale):
-    return lambda _seed, counts: getattr(terms, method)(counts) * scale
-
-
-def _load_features(path):
-    with np.load(path) as data:
-        return evaluation.npz_array(data, "features", path)
 
 
 def network_evaluations_per_image(model, diffusion, options, device="cpu"):
