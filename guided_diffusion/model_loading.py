@@ -118,14 +118,20 @@ def _is_classifier_run(config):
     return "classifier_width" in config and "num_channels" not in config
 
 
-def classifier_flags_beside(classifier_path):
-    """The classifier flags (and image_size) of the config.yaml classifier_train.py saved beside `classifier_path`,
-    {} without one: classifier_sample.py's defaults for them, below any --config and the command line."""
+def _saved_classifier_flags(classifier_path, defaults):
+    """(path, values) of the config.yaml classifier_train.py saved beside `classifier_path`: its entries that are
+    flags of `defaults`, converted by their types; (None, {}) where there is no such file."""
     beside = _config_beside(classifier_path)
     config = read_config_file(beside) if beside else {}
     if not _is_classifier_run(config):
-        return {}
-    return typed_config_values(config, classifier_defaults(), beside)
+        return None, {}
+    return beside, typed_config_values(config, defaults, beside)
+
+
+def classifier_flags_beside(classifier_path):
+    """The classifier flags (and image_size) of the config.yaml classifier_train.py saved beside `classifier_path`,
+    {} without one: classifier_sample.py's defaults for them, below any --config and the command line."""
+    return _saved_classifier_flags(classifier_path, classifier_defaults())[1]
 
 
 def load_model_and_diffusion(args, kind=IMAGE_MODEL):
@@ -167,11 +173,8 @@ def load_classifier(args):
 
 def _check_classifier_process(args):
     """Refuse a classifier whose saved config says it learned another diffusion process than the one sampled."""
-    beside = _config_beside(args.classifier_path)
-    config = read_config_file(beside) if beside else {}
-    if not _is_classifier_run(config):
-        return
-    trained = typed_config_values(config, {key: model_and_diffusion_defaults()[key] for key in PROCESS_FLAGS}, beside)
+    beside, trained = _saved_classifier_flags(args.classifier_path,
+                                              {key: model_and_diffusion_defaults()[key] for key in PROCESS_FLAGS})
     differing = [key for key in PROCESS_FLAGS if key in trained and trained[key] != getattr(args, key)]
     if differing:
         raise ValueError(
